@@ -1,0 +1,160 @@
+//! Application state, the router that mounts every context, and the server lifecycle.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use axum::Router;
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tower_http::catch_panic::CatchPanicLayer;
+use utoipa::OpenApi;
+
+use crate::auth::jwt::Authenticator;
+use crate::config::Settings;
+use crate::error::ApiError;
+use crate::events::Publisher;
+use crate::pii::Vault;
+use crate::telemetry::health::ListenerHealth;
+use crate::telemetry::metrics::{self, Metrics};
+use crate::{auth, db, events, leads, telemetry};
+
+/// Everything a handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub pool: PgPool,
+    pub auth: Arc<Authenticator>,
+    pub vault: Arc<Vault>,
+    pub metrics: Arc<Metrics>,
+    pub publisher: Publisher,
+    pub listener_health: Arc<ListenerHealth>,
+}
+
+impl AppState {
+    /// Connects the runtime pool, checks that it cannot bypass row-level security, and
+    /// assembles the state.
+    pub async fn connect(settings: Settings, auth: Authenticator, vault: Vault) -> anyhow::Result<Self> {
+        let pool = db::connect(&settings.database_url, settings.pool_size, "freshplan").await?;
+        db::check_runtime_role(&pool).await?;
+        let metrics = Arc::new(Metrics::new());
+        let publisher = Publisher::new(settings.allow_unauthenticated_publisher, metrics.clone());
+        Ok(AppState {
+            settings: Arc::new(settings),
+            pool,
+            auth: Arc::new(auth),
+            vault: Arc::new(vault),
+            metrics,
+            publisher,
+            listener_health: Arc::new(ListenerHealth::default()),
+        })
+    }
+}
+
+/// The OpenAPI 3.1 document of the API.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "FreshPlan Leads", description = "Lead management and Sales Cockpit"),
+    paths(
+        leads::http::create_lead,
+        leads::http::list_leads,
+        leads::http::get_lead,
+        leads::http::patch_lead,
+        leads::http::add_activity,
+        leads::http::list_activities,
+        events::get_event,
+    ),
+    components(schemas(
+        leads::model::Lead,
+        leads::model::CreateLead,
+        leads::model::PatchLead,
+        leads::model::Activity,
+        leads::model::NewActivity,
+        leads::model::LeadPage,
+    )),
+    tags((name = "leads"), (name = "events"), (name = "operations"))
+)]
+pub struct ApiDoc;
+
+async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(ApiDoc::openapi())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("resource")
+}
+
+/// The router with every context mounted.
+pub fn router(state: AppState) -> Router {
+    let mut api = Router::new()
+        .merge(leads::router())
+        .merge(events::router())
+        .route("/q/health/live", get(telemetry::health::live))
+        .route("/q/health/ready", get(telemetry::health::ready))
+        .route("/q/metrics", get(metrics::metrics_endpoint))
+        .route("/q/openapi", get(openapi));
+    if state.settings.dev_login {
+        api = api.merge(auth::dev_login::router());
+    }
+    api.fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track_http))
+        .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .layer(CatchPanicLayer::custom(|_| {
+            axum::response::IntoResponse::into_response(ApiError::Internal(anyhow::anyhow!("handler panicked")))
+        }))
+        .with_state(state)
+}
+
+/// A running server and its background work.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    http: Option<JoinHandle<()>>,
+    background: events::Background,
+}
+
+impl Server {
+    /// Binds `bind` (port 0 picks a free port), starts the event runtime and serves.
+    pub async fn start(state: AppState, bind: &str) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("cannot bind {bind}"))?;
+        let addr = listener.local_addr()?;
+        let background = events::Background::start(&state).await?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let app = router(state.clone());
+        let http = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        });
+        tracing::info!(%addr, "FreshPlan Leads listening");
+        Ok(Server { addr, state, shutdown: Some(tx), http: Some(http), background })
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:8080`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting requests, lets open ones finish, stops background work.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.background.stop().await;
+        if let Some(h) = self.http.take() {
+            // Open SSE streams would keep graceful shutdown waiting: give it a moment.
+            if tokio::time::timeout(std::time::Duration::from_secs(5), h).await.is_err() {
+                tracing::warn!("HTTP connections still open at shutdown");
+            }
+        }
+        self.state.pool.close().await;
+    }
+}

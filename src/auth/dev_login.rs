@@ -1,0 +1,70 @@
+//! Development login (`--demo` or `freshplan.auth.dev-login.enabled`): pick a demo user in the
+//! browser, get an HttpOnly session cookie carrying a signed token. Off by default.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+
+use super::{Principal, Role, SESSION_COOKIE};
+use crate::app::AppState;
+use crate::db;
+use crate::error::{ApiError, ApiResult, AppJson};
+
+/// Session lifetime.
+const SESSION_SECONDS: u64 = 8 * 3600;
+
+/// Routes, mounted only when the development login is on.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/login", get(page)).route("/api/dev/login", post(login))
+}
+
+async fn users(state: &AppState) -> ApiResult<Vec<(String, String, String, String)>> {
+    let mut tx = db::begin_as(&state.pool, &Principal::system()).await?;
+    let rows = sqlx::query_as("SELECT id, name, role, territory FROM users ORDER BY territory, role, id")
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+async fn page(State(state): State<AppState>) -> ApiResult<Html<String>> {
+    let mut items = String::new();
+    for (id, name, role, territory) in users(&state).await? {
+        items.push_str(&format!(
+            "<li><button data-user=\"{id}\">{name}</button> <small>{role} · {territory}</small></li>"
+        ));
+    }
+    Ok(Html(format!(
+        "<!doctype html><meta charset=utf-8><title>FreshPlan – Demo login</title>\
+         <h1>Demo login</h1><p>Development only: choose a demo user.</p><ul id=users>{items}</ul>\
+         <script>document.querySelectorAll('button[data-user]').forEach(b=>b.onclick=async()=>{{\
+         const r=await fetch('/api/dev/login',{{method:'POST',headers:{{'content-type':'application/json'}},\
+         body:JSON.stringify({{userId:b.dataset.user}})}});if(r.ok)location.href='/';}});</script>"
+    )))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LoginRequest {
+    user_id: String,
+}
+
+async fn login(State(state): State<AppState>, AppJson(body): AppJson<LoginRequest>) -> ApiResult<Response> {
+    let user = users(&state)
+        .await?
+        .into_iter()
+        .find(|u| u.0 == body.user_id)
+        .ok_or_else(|| ApiError::field(format!("unknown demo user `{}`", body.user_id)))?;
+    let principal = Principal {
+        user_id: user.0,
+        name: user.1,
+        role: user.2.parse::<Role>().map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?,
+        territory: user.3.parse().map_err(|e: String| ApiError::Internal(anyhow::anyhow!(e)))?,
+    };
+    let token = state.auth.mint(&principal, SESSION_SECONDS)?;
+    let cookie = format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={SESSION_SECONDS}");
+    Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response())
+}

@@ -1,0 +1,351 @@
+//! Settings and feature toggles: defaults → TOML file → environment, validated at start.
+//!
+//! Keys are the dotted property names of CONTRACT.md (`features.dashboard.lead-widget.enabled`).
+//! Every key can be overridden by an environment variable named after it, upper-cased, with `.`
+//! and `-` turned into `_` (`FEATURES_DASHBOARD_LEAD_WIDGET_ENABLED`). `DATABASE_URL` and
+//! `FRESHPLAN_ADMIN_DATABASE_URL` are accepted as the conventional names of the two database keys.
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+
+/// One known key: its dotted name, default (as TOML text) and what it means.
+struct Key {
+    name: &'static str,
+    default: &'static str,
+    alias_env: Option<&'static str>,
+    doc: &'static str,
+}
+
+const KEYS: &[Key] = &[
+    Key { name: "features.dashboard.lead-widget.enabled", default: "true", alias_env: None, doc: "false: widget endpoint answers 404 feature-disabled" },
+    Key { name: "features.events.cross-module.enabled", default: "true", alias_env: None, doc: "false: consumers are no-ops, events wait in the outbox" },
+    Key { name: "features.metrics.prometheus.enabled", default: "true", alias_env: None, doc: "false: /q/metrics answers 404" },
+    Key { name: "freshplan.security.allow-unauthenticated-publisher", default: "false", alias_env: None, doc: "true only in tests" },
+    Key { name: "freshplan.security.rls.enabled", default: "true", alias_env: None, doc: "false is refused at start" },
+    Key { name: "freshplan.database.url", default: "\"postgres://freshplan_app@127.0.0.1:5432/freshplan\"", alias_env: Some("DATABASE_URL"), doc: "runtime database and the application role it logs in as" },
+    Key { name: "freshplan.database.admin-url", default: "\"postgres://postgres@127.0.0.1:5432/postgres\"", alias_env: Some("FRESHPLAN_ADMIN_DATABASE_URL"), doc: "used only by migrate and serve --demo" },
+    Key { name: "freshplan.database.owner-role", default: "\"freshplan_owner\"", alias_env: None, doc: "role that owns the schema (never logs in)" },
+    Key { name: "freshplan.database.pool-size", default: "16", alias_env: None, doc: "runtime connections per instance" },
+    Key { name: "freshplan.auth.jwt.secret", default: "\"\"", alias_env: None, doc: "HS256 secret (at least 32 bytes)" },
+    Key { name: "freshplan.auth.jwt.public-key-file", default: "\"\"", alias_env: None, doc: "RS256 public key (PEM)" },
+    Key { name: "freshplan.auth.jwt.jwks-file", default: "\"\"", alias_env: None, doc: "RS256 keys as a JWKS file" },
+    Key { name: "freshplan.auth.jwt.issuer", default: "\"\"", alias_env: None, doc: "required iss claim, if set" },
+    Key { name: "freshplan.auth.dev-login.enabled", default: "false", alias_env: None, doc: "development login page and session cookie (on with --demo)" },
+    Key { name: "freshplan.pii.key-file", default: "\"\"", alias_env: None, doc: "TOML file with PII keys (active, lookup-key, [keys])" },
+    Key { name: "freshplan.pii.keys", default: "\"\"", alias_env: None, doc: "PII keys inline: id:base64,id:base64 (last is active)" },
+    Key { name: "freshplan.pii.lookup-key", default: "\"\"", alias_env: None, doc: "HMAC key for contact lookup hashes (base64, 32 bytes)" },
+    Key { name: "freshplan.events.poll-interval-ms", default: "1000", alias_env: None, doc: "catch-up poll covering a lost doorbell" },
+    Key { name: "freshplan.events.outbox-retention-hours", default: "168", alias_env: None, doc: "outbox rows older than this are pruned" },
+    Key { name: "freshplan.events.inbox-retention-hours", default: "336", alias_env: None, doc: "inbox rows kept at least as long as the outbox" },
+    Key { name: "freshplan.events.dedupe-cache-size", default: "65536", alias_env: None, doc: "in-memory dedupe entries in front of the inbox" },
+    Key { name: "freshplan.events.sse-queue-size", default: "256", alias_env: None, doc: "per-subscriber queue; overflow sends one resync" },
+    Key { name: "freshplan.events.sse-keepalive-seconds", default: "15", alias_env: None, doc: "SSE keep-alive comment interval" },
+    Key { name: "freshplan.http.max-body-bytes", default: "65536", alias_env: None, doc: "larger request bodies answer 413" },
+];
+
+/// Errors that name the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+    #[error("configuration file {path}: {message}")]
+    File { path: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_string(), message: message.into() }
+}
+
+/// Feature toggles (CONTRACT.md "Configuration").
+#[derive(Debug, Clone)]
+pub struct Features {
+    /// `features.dashboard.lead-widget.enabled`
+    pub lead_widget: bool,
+    /// `features.events.cross-module.enabled`
+    pub cross_module_events: bool,
+    /// `features.metrics.prometheus.enabled`
+    pub prometheus: bool,
+}
+
+/// How tokens are verified.
+#[derive(Debug, Clone, Default)]
+pub struct JwtSettings {
+    pub secret: String,
+    pub public_key_file: Option<PathBuf>,
+    pub jwks_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+}
+
+/// Where PII keys come from (see `pii`).
+#[derive(Debug, Clone, Default)]
+pub struct PiiSettings {
+    pub key_file: Option<PathBuf>,
+    pub keys: String,
+    pub lookup_key: String,
+}
+
+/// Event path tuning.
+#[derive(Debug, Clone)]
+pub struct EventSettings {
+    pub poll_interval_ms: u64,
+    pub outbox_retention_hours: i64,
+    pub inbox_retention_hours: i64,
+    pub dedupe_cache_size: usize,
+    pub sse_queue_size: usize,
+    pub sse_keepalive_seconds: u64,
+}
+
+/// Validated settings of one instance.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub features: Features,
+    pub allow_unauthenticated_publisher: bool,
+    pub database_url: String,
+    pub admin_database_url: String,
+    pub owner_role: String,
+    pub pool_size: u32,
+    pub jwt: JwtSettings,
+    pub dev_login: bool,
+    pub pii: PiiSettings,
+    pub events: EventSettings,
+    pub max_body_bytes: usize,
+}
+
+/// Environment variable that overrides a dotted key.
+pub fn env_name(key: &str) -> String {
+    key.to_ascii_uppercase().replace(['.', '-'], "_")
+}
+
+fn flatten(prefix: &str, value: &figment::value::Value, out: &mut Vec<String>) {
+    if let figment::value::Value::Dict(_, dict) = value {
+        for (k, v) in dict {
+            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            flatten(&key, v, out);
+        }
+    } else {
+        out.push(prefix.to_string());
+    }
+}
+
+impl Settings {
+    /// Loads defaults, then the optional file, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with(file, |name| std::env::var(name).ok())
+    }
+
+    /// Same as [`Settings::load`] with an explicit environment (tests).
+    pub fn load_with(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        for key in KEYS {
+            let value: figment::value::Value = key
+                .default
+                .parse::<toml_value::Value>()
+                .map(|v| v.0)
+                .map_err(|m| invalid(key.name, m))?;
+            figment = figment.merge(Serialized::default(key.name, value));
+        }
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let file_figment = Figment::from(Toml::string(&text));
+            let data = file_figment.find_value("").map_err(|e| ConfigError::File {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let mut present = Vec::new();
+            flatten("", &data, &mut present);
+            for name in present {
+                if !KEYS.iter().any(|k| k.name == name) {
+                    return Err(invalid(&name, "unknown key (see README, Configuration)"));
+                }
+            }
+            figment = figment.merge(Toml::string(&text));
+        }
+        for key in KEYS {
+            let from_env = env(&env_name(key.name)).or_else(|| key.alias_env.and_then(&env));
+            if let Some(v) = from_env {
+                figment = figment.merge(Serialized::default(key.name, v));
+            }
+        }
+        Self::from_figment(&figment)
+    }
+
+    fn from_figment(f: &Figment) -> Result<Self, ConfigError> {
+        fn get<T: serde::de::DeserializeOwned>(f: &Figment, key: &str) -> Result<T, ConfigError> {
+            f.extract_inner_lossy::<T>(key).map_err(|e| invalid(key, e.to_string()))
+        }
+        fn path(f: &Figment, key: &str) -> Result<Option<PathBuf>, ConfigError> {
+            let s: String = get(f, key)?;
+            Ok((!s.is_empty()).then(|| PathBuf::from(s)))
+        }
+        let rls: bool = get(f, "freshplan.security.rls.enabled")?;
+        if !rls {
+            return Err(invalid(
+                "freshplan.security.rls.enabled",
+                "row-level security cannot be turned off; remove the key or set it to true",
+            ));
+        }
+        let issuer: String = get(f, "freshplan.auth.jwt.issuer")?;
+        let settings = Settings {
+            features: Features {
+                lead_widget: get(f, "features.dashboard.lead-widget.enabled")?,
+                cross_module_events: get(f, "features.events.cross-module.enabled")?,
+                prometheus: get(f, "features.metrics.prometheus.enabled")?,
+            },
+            allow_unauthenticated_publisher: get(
+                f,
+                "freshplan.security.allow-unauthenticated-publisher",
+            )?,
+            database_url: get(f, "freshplan.database.url")?,
+            admin_database_url: get(f, "freshplan.database.admin-url")?,
+            owner_role: get(f, "freshplan.database.owner-role")?,
+            pool_size: get(f, "freshplan.database.pool-size")?,
+            jwt: JwtSettings {
+                secret: get(f, "freshplan.auth.jwt.secret")?,
+                public_key_file: path(f, "freshplan.auth.jwt.public-key-file")?,
+                jwks_file: path(f, "freshplan.auth.jwt.jwks-file")?,
+                issuer: (!issuer.is_empty()).then_some(issuer),
+            },
+            dev_login: get(f, "freshplan.auth.dev-login.enabled")?,
+            pii: PiiSettings {
+                key_file: path(f, "freshplan.pii.key-file")?,
+                keys: get(f, "freshplan.pii.keys")?,
+                lookup_key: get(f, "freshplan.pii.lookup-key")?,
+            },
+            events: EventSettings {
+                poll_interval_ms: get(f, "freshplan.events.poll-interval-ms")?,
+                outbox_retention_hours: get(f, "freshplan.events.outbox-retention-hours")?,
+                inbox_retention_hours: get(f, "freshplan.events.inbox-retention-hours")?,
+                dedupe_cache_size: get(f, "freshplan.events.dedupe-cache-size")?,
+                sse_queue_size: get(f, "freshplan.events.sse-queue-size")?,
+                sse_keepalive_seconds: get(f, "freshplan.events.sse-keepalive-seconds")?,
+            },
+            max_body_bytes: get(f, "freshplan.http.max-body-bytes")?,
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=512).contains(&self.pool_size) {
+            return Err(invalid("freshplan.database.pool-size", "must be between 1 and 512"));
+        }
+        if self.events.poll_interval_ms < 10 {
+            return Err(invalid("freshplan.events.poll-interval-ms", "must be at least 10"));
+        }
+        if self.events.outbox_retention_hours < 1 {
+            return Err(invalid("freshplan.events.outbox-retention-hours", "must be at least 1"));
+        }
+        if self.events.inbox_retention_hours < self.events.outbox_retention_hours {
+            return Err(invalid(
+                "freshplan.events.inbox-retention-hours",
+                "must be at least freshplan.events.outbox-retention-hours (a re-read event must still find its inbox row)",
+            ));
+        }
+        if self.events.sse_queue_size < 1 || self.events.dedupe_cache_size < 1 {
+            return Err(invalid("freshplan.events.sse-queue-size", "must be at least 1"));
+        }
+        if !self.jwt.secret.is_empty() && self.jwt.secret.len() < 32 {
+            return Err(invalid("freshplan.auth.jwt.secret", "must be at least 32 bytes long"));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(invalid("freshplan.http.max-body-bytes", "must be at least 1024"));
+        }
+        for (key, url) in [
+            ("freshplan.database.url", &self.database_url),
+            ("freshplan.database.admin-url", &self.admin_database_url),
+        ] {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(invalid(key, "must be a postgres:// URL"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The documented keys with their defaults and meaning (README, `--help`).
+    pub fn documented_keys() -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
+        KEYS.iter().map(|k| (k.name, k.default, k.doc))
+    }
+}
+
+/// Parses a TOML scalar written as text (the defaults table above).
+mod toml_value {
+    pub struct Value(pub figment::value::Value);
+
+    impl std::str::FromStr for Value {
+        type Err = String;
+        fn from_str(s: &str) -> Result<Self, Self::Err> {
+            let doc = format!("v = {s}");
+            let figment = figment::Figment::from(
+                <figment::providers::Toml as figment::providers::Format>::string(&doc),
+            );
+            figment.find_value("v").map(Value).map_err(|e| e.to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(file: Option<&str>, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let env: HashMap<String, String> =
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("freshplan.toml");
+        if let Some(text) = file {
+            std::fs::write(&path, text).unwrap();
+        }
+        Settings::load_with(file.map(|_| path.as_path()), |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_enable_every_feature() {
+        let s = load(None, &[]).unwrap();
+        assert!(s.features.lead_widget && s.features.cross_module_events && s.features.prometheus);
+        assert!(!s.allow_unauthenticated_publisher);
+        assert!(s.database_url.contains("freshplan_app"));
+    }
+
+    #[test]
+    fn dotted_keys_from_the_file_and_env_override_them() {
+        let s = load(
+            Some("features.dashboard.lead-widget.enabled = false\nfeatures.events.cross-module.enabled = false\n"),
+            &[("FEATURES_EVENTS_CROSS_MODULE_ENABLED", "true"), ("DATABASE_URL", "postgres://x@h/db")],
+        )
+        .unwrap();
+        assert!(!s.features.lead_widget);
+        assert!(s.features.cross_module_events);
+        assert_eq!(s.database_url, "postgres://x@h/db");
+    }
+
+    #[test]
+    fn turning_rls_off_is_refused_naming_the_key() {
+        let err = load(Some("freshplan.security.rls.enabled = false"), &[]).unwrap_err();
+        assert!(err.to_string().contains("freshplan.security.rls.enabled"), "{err}");
+        let err = load(None, &[("FRESHPLAN_SECURITY_RLS_ENABLED", "false")]).unwrap_err();
+        assert!(err.to_string().contains("cannot be turned off"), "{err}");
+    }
+
+    #[test]
+    fn unknown_and_malformed_keys_are_named() {
+        let err = load(Some("features.dashboard.lead-widgit.enabled = true"), &[]).unwrap_err();
+        assert!(err.to_string().contains("lead-widgit"), "{err}");
+        let err = load(None, &[("FRESHPLAN_DATABASE_POOL_SIZE", "many")]).unwrap_err();
+        assert!(err.to_string().contains("freshplan.database.pool-size"), "{err}");
+        let err = load(
+            None,
+            &[("FRESHPLAN_EVENTS_INBOX_RETENTION_HOURS", "1"), ("FRESHPLAN_EVENTS_OUTBOX_RETENTION_HOURS", "2")],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("inbox-retention-hours"), "{err}");
+    }
+}

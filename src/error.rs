@@ -1,0 +1,199 @@
+//! `ApiError` → RFC 9457 `application/problem+json` with a stable `type`.
+//!
+//! Internal errors are logged once (by the error itself, without request bodies) and answered
+//! with a generic message; every other variant says what was wrong and what to do.
+
+use axum::extract::rejection::JsonRejection;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use uuid::Uuid;
+
+/// Base of every problem `type` URI; the last segment is the stable slug.
+pub const PROBLEM_BASE: &str = "https://freshplan.de/problems/";
+
+/// Everything a handler can answer besides success.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("authentication required: send a bearer token or log in")]
+    Unauthenticated,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("feature {0} is disabled")]
+    FeatureDisabled(&'static str),
+    #[error("{0}")]
+    MalformedJson(String),
+    #[error("{0}")]
+    InvalidField(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("request body is too large (limit: freshplan.http.max-body-bytes)")]
+    PayloadTooLarge,
+    #[error("If-Match header with the lead's current ETag is required for this change")]
+    PreconditionRequired,
+    #[error("the lead was changed by someone else (current version {current}); reload and retry")]
+    StaleVersion { current: i64 },
+    #[error("status transition {from} → {to} is not allowed")]
+    InvalidTransition { from: String, to: String, reason: String },
+    #[error("a live lead with this contact email already exists in the territory")]
+    DuplicateContact { existing: Option<Uuid> },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    type_: String,
+    title: &'a str,
+    status: u16,
+    detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    existing_lead_id: Option<Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    current_version: Option<i64>,
+}
+
+impl ApiError {
+    /// Status code, stable slug and title.
+    pub fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        use ApiError::*;
+        match self {
+            Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated", "Unauthenticated"),
+            Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
+            NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
+            FeatureDisabled(_) => (StatusCode::NOT_FOUND, "feature-disabled", "Feature disabled"),
+            MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed-json", "Malformed JSON"),
+            InvalidField(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid-field", "Invalid field")
+            }
+            UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+            ),
+            PayloadTooLarge => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large")
+            }
+            PreconditionRequired => (
+                StatusCode::PRECONDITION_REQUIRED,
+                "precondition-required",
+                "Precondition required",
+            ),
+            StaleVersion { .. } => {
+                (StatusCode::PRECONDITION_FAILED, "stale-version", "Stale version")
+            }
+            InvalidTransition { .. } => {
+                (StatusCode::CONFLICT, "invalid-transition", "Invalid status transition")
+            }
+            DuplicateContact { .. } => {
+                (StatusCode::CONFLICT, "duplicate-contact", "Duplicate contact")
+            }
+            Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
+            Unavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable")
+            }
+            Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
+        }
+    }
+
+    /// Shorthand for an invalid field with a message naming it.
+    pub fn field(message: impl Into<String>) -> Self {
+        ApiError::InvalidField(message.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, slug, title) = self.parts();
+        let detail = match &self {
+            ApiError::InvalidTransition { reason, .. } if !reason.is_empty() => {
+                format!("{self}: {reason}")
+            }
+            _ => self.to_string(),
+        };
+        if let ApiError::Internal(e) = &self {
+            tracing::error!(error = %format!("{e:#}"), "internal error");
+        }
+        let problem = Problem {
+            type_: format!("{PROBLEM_BASE}{slug}"),
+            title,
+            status: status.as_u16(),
+            detail,
+            existing_lead_id: match &self {
+                ApiError::DuplicateContact { existing } => *existing,
+                _ => None,
+            },
+            current_version: match &self {
+                ApiError::StaleVersion { current } => Some(*current),
+                _ => None,
+            },
+        };
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        response
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::JsonSyntaxError(e) => ApiError::MalformedJson(format!(
+                "request body is not valid JSON: {}",
+                std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()
+            )),
+            JsonRejection::JsonDataError(e) => ApiError::InvalidField(
+                std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| e.body_text()),
+            ),
+            JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType(
+                "send the body as Content-Type: application/json".into(),
+            ),
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::PayloadTooLarge
+            }
+            other => ApiError::MalformedJson(other.body_text()),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::PoolTimedOut = e {
+            return ApiError::Unavailable("database connections exhausted, retry shortly".into());
+        }
+        ApiError::Internal(e.into())
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError::Internal(e)
+    }
+}
+
+/// Result alias for handlers.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// JSON body extractor whose rejections use the problem format.
+#[derive(Debug, Clone, Copy, Default, axum::extract::FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct AppJson<T>(pub T);
+
+impl<T: Serialize> IntoResponse for AppJson<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}

@@ -1,0 +1,16 @@
+//! FreshPlan Leads: lead management and the Sales Cockpit on PostgreSQL.
+//!
+//! One folder per bounded context (`leads`, `events`, `pii`), shared plumbing beside them
+//! (`app`, `config`, `db`, `auth`, `error`, `telemetry`). `main.rs` is the thin command line.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod demo;
+pub mod error;
+pub mod events;
+pub mod leads;
+pub mod pii;
+pub mod telemetry;
+pub mod territory;

@@ -1,0 +1,230 @@
+//! `freshplan`: the command line (serve, migrate, seed, token, keys).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use freshplan::app::{AppState, Server};
+use freshplan::auth::jwt::Authenticator;
+use freshplan::auth::{Principal, Role};
+use freshplan::config::Settings;
+use freshplan::db::{self, bootstrap, embedded};
+use freshplan::pii::{self, Vault};
+use freshplan::{demo, telemetry};
+
+#[derive(Parser)]
+#[command(name = "freshplan", version, about = "FreshPlan Leads: lead management and Sales Cockpit")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve {
+        /// TOML configuration file (dotted keys, see README).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        bind: String,
+        /// Bootstrap database, demo users and leads, development keys and login; keep demo activity going.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Create database, roles and schema, or upgrade them (idempotent).
+    Migrate {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Load demo data (idempotent).
+    Seed {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Required: the only data set there is.
+        #[arg(long)]
+        demo: bool,
+        /// Number of demo leads.
+        #[arg(long, default_value_t = 3000)]
+        leads: usize,
+    },
+    /// Print a signed development token.
+    Token {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        user: String,
+        /// admin, manager, sales or viewer (case-insensitive).
+        #[arg(long)]
+        role: String,
+        /// DE, AT or CH.
+        #[arg(long)]
+        territory: String,
+        /// Display name (default: the user id).
+        #[arg(long)]
+        name: Option<String>,
+        /// Lifetime in hours.
+        #[arg(long, default_value_t = 8)]
+        ttl_hours: u64,
+    },
+    /// PII key management.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Re-encrypt every contact value under the active key (resumable, online).
+    Rotate {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Rows per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
+    },
+    /// Print a new key file (one fresh key and a fresh lookup key).
+    Generate {
+        #[arg(long, default_value = "k1")]
+        id: String,
+    },
+}
+
+/// Where `--demo` keeps its private cluster and development key.
+fn demo_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FRESHPLAN_DATA_DIR") {
+        return PathBuf::from(dir);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/tmp/freshplan");
+    }
+    std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".local/share/freshplan"))
+        .unwrap_or_else(|| PathBuf::from(".freshplan"))
+}
+
+fn vault(settings: &Settings, demo: bool) -> anyhow::Result<Vault> {
+    match Vault::from_settings(&settings.pii)? {
+        Some(v) => Ok(v),
+        None if demo => Vault::development(&demo_dir().join("dev-pii-keys.toml")),
+        None => bail!(
+            "no PII key configured: set freshplan.pii.key-file (create one with `freshplan keys generate > keys.toml`) \
+             or freshplan.pii.keys and freshplan.pii.lookup-key; `serve --demo` generates a development key"
+        ),
+    }
+}
+
+async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let target = bootstrap::Target::from_url(&settings.database_url, &settings.owner_role)?;
+    bootstrap::migrate(&settings.admin_database_url, &target).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+}
+
+async fn serve(config: Option<&Path>, bind: &str, demo_mode: bool) -> anyhow::Result<()> {
+    let mut settings = Settings::load(config)?;
+    let mut cluster = None;
+    if demo_mode {
+        settings.dev_login = true;
+        if !embedded::answers(&settings.admin_database_url).await {
+            tracing::warn!("nothing answers at the admin database address: starting a private cluster");
+            cluster = Some(embedded::EmbeddedCluster::start(&demo_dir().join("pgdata"), &settings.admin_database_url)?);
+        }
+        migrate(&settings).await?;
+    }
+    let vault = vault(&settings, demo_mode)?;
+    let auth = Authenticator::from_settings(&settings.jwt, demo_mode)?;
+    let state = AppState::connect(settings, auth, vault).await?;
+    if demo_mode {
+        let report = demo::seed(&state.pool, &state.vault, 3000).await?;
+        tracing::info!(leads = report.leads, activities = report.activities, "demo data ready");
+    }
+    let server = Server::start(state, bind).await?;
+    let live = demo_mode.then(|| demo::spawn_live_activity(server.state.clone()));
+    if demo_mode {
+        eprintln!(
+            "FreshPlan Leads demo on {}/  — log in at {}/login, or: freshplan token --user sales-de-1 --role sales --territory DE",
+            server.url(),
+            server.url()
+        );
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    if let Some(live) = live {
+        live.abort();
+    }
+    server.stop().await;
+    drop(cluster);
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config, bind, demo } => serve(config.as_deref(), &bind, demo).await,
+        Command::Migrate { config } => {
+            let settings = Settings::load(config.as_deref())?;
+            migrate(&settings).await?;
+            println!("database {} is migrated", db::redact_url(&settings.database_url));
+            Ok(())
+        }
+        Command::Seed { config, demo: demo_flag, leads } => {
+            if !demo_flag {
+                bail!("only demo data can be seeded: use `freshplan seed --demo`");
+            }
+            let settings = Settings::load(config.as_deref())?;
+            let vault = vault(&settings, true)?;
+            let pool = db::connect(&settings.database_url, 4, "freshplan-seed").await?;
+            db::check_runtime_role(&pool).await?;
+            let r = demo::seed(&pool, &vault, leads).await?;
+            println!("seeded {} users, {} leads, {} activities (existing rows kept)", r.users, r.leads, r.activities);
+            Ok(())
+        }
+        Command::Token { config, user, role, territory, name, ttl_hours } => {
+            let settings = Settings::load(config.as_deref())?;
+            let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+            if role == Role::System {
+                bail!("the system principal is for background jobs and has no tokens");
+            }
+            let territory = territory.parse().map_err(anyhow::Error::msg)?;
+            let auth = Authenticator::from_settings(&settings.jwt, true)?;
+            let p = Principal { name: name.unwrap_or_else(|| user.clone()), user_id: user, role, territory };
+            println!("{}", auth.mint(&p, ttl_hours * 3600)?);
+            Ok(())
+        }
+        Command::Keys { command: KeysCommand::Generate { id } } => {
+            print!("{}", pii::new_key_file(&id));
+            Ok(())
+        }
+        Command::Keys { command: KeysCommand::Rotate { config, batch } } => {
+            let settings = Settings::load(config.as_deref())?;
+            let vault = vault(&settings, false)?;
+            let pool = db::connect(&settings.database_url, 2, "freshplan-keys").await?;
+            db::check_runtime_role(&pool).await?;
+            let r = pii::rotate::rotate(&pool, &vault, batch.clamp(1, 10_000)).await?;
+            println!("re-encrypted {} leads in {} batches under key `{}`", r.rows, r.batches, vault.active_key_id());
+            Ok(())
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    telemetry::init_logging();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await.context("freshplan") {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
