@@ -1,0 +1,224 @@
+//! Test harness: every test gets its own database, migrated by the real `migrate` code, and a
+//! server on 127.0.0.1:0 whose pool logs in as the application role (so row-level security
+//! applies). Nothing is faked: real PostgreSQL, real HTTP.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+
+use freshplan::app::{AppState, Server};
+use freshplan::auth::jwt::Authenticator;
+use freshplan::auth::{Principal, Role};
+use freshplan::config::Settings;
+use freshplan::db::bootstrap;
+use freshplan::pii::Vault;
+use freshplan::territory::Territory;
+use sqlx::{Connection, PgConnection, PgPool};
+
+pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
+/// Two PII keys (base64 of 32 bytes each) and a lookup key.
+pub const KEY_1: &str = "k1:AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+pub const KEY_2: &str = "k2:AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
+pub const LOOKUP_KEY: &str = "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=";
+
+/// Administrator URL of the PostgreSQL server the tests use.
+pub fn admin_url() -> String {
+    std::env::var("FRESHPLAN_TEST_ADMIN_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn db_url(user: &str, db: &str) -> String {
+    let admin = admin_url();
+    let host = admin.split_once('@').map(|(_, h)| h).unwrap_or("127.0.0.1:5432/postgres");
+    let host = host.rsplit_once('/').map(|(h, _)| h).unwrap_or(host);
+    format!("postgres://{user}@{host}/{db}")
+}
+
+/// A migrated database of its own.
+#[derive(Clone)]
+pub struct TestDb {
+    pub name: String,
+}
+
+impl TestDb {
+    /// Creates and migrates a fresh database.
+    pub async fn create() -> TestDb {
+        let name = format!("fp_test_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+        let target = bootstrap::Target::from_url(&db_url("freshplan_app", &name), "freshplan_owner").unwrap();
+        bootstrap::migrate(&admin_url(), &target).await.expect("migrate test database");
+        TestDb { name }
+    }
+
+    /// Runtime URL (application role).
+    pub fn app_url(&self) -> String {
+        db_url("freshplan_app", &self.name)
+    }
+
+    /// A superuser connection to this database, for inspecting raw rows and killing backends.
+    pub async fn superuser(&self) -> PgConnection {
+        PgConnection::connect(&db_url("postgres", &self.name)).await.expect("superuser connection")
+    }
+
+    /// A pool of the application role with no identity set.
+    pub async fn app_pool(&self) -> PgPool {
+        freshplan::db::connect(&self.app_url(), 4, "freshplan-test").await.expect("app pool")
+    }
+
+    /// Settings for an instance on this database; `env` overrides keys by their env names.
+    pub fn settings(&self, env: &[(&str, &str)]) -> Settings {
+        let mut vars: HashMap<String, String> = HashMap::from([
+            ("DATABASE_URL".into(), self.app_url()),
+            ("FRESHPLAN_ADMIN_DATABASE_URL".into(), admin_url()),
+            ("FRESHPLAN_AUTH_JWT_SECRET".into(), JWT_SECRET.into()),
+            ("FRESHPLAN_PII_KEYS".into(), KEY_1.into()),
+            ("FRESHPLAN_PII_LOOKUP_KEY".into(), LOOKUP_KEY.into()),
+            ("FRESHPLAN_EVENTS_POLL_INTERVAL_MS".into(), "200".into()),
+            ("FRESHPLAN_DATABASE_POOL_SIZE".into(), "8".into()),
+        ]);
+        for (k, v) in env {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        Settings::load_with(None, |k| vars.get(k).cloned()).expect("test settings")
+    }
+}
+
+/// A running instance plus helpers to call it.
+pub struct TestApp {
+    pub db: TestDb,
+    pub server: Option<Server>,
+    pub url: String,
+    pub client: reqwest::Client,
+    env: Vec<(String, String)>,
+}
+
+impl TestApp {
+    /// A fresh database with the demo users, and one instance on it.
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(&[]).await
+    }
+
+    /// Same, with configuration overrides (env names, e.g. `FEATURES_EVENTS_CROSS_MODULE_ENABLED`).
+    pub async fn spawn_with(env: &[(&str, &str)]) -> TestApp {
+        let db = TestDb::create().await;
+        let app = Self::on(db, env).await;
+        let vault = app.vault();
+        freshplan::demo::seed(&app.state().pool, &vault, 0).await.expect("seed users");
+        app
+    }
+
+    /// An instance on an existing database.
+    pub async fn on(db: TestDb, env: &[(&str, &str)]) -> TestApp {
+        let server = start(&db, env).await;
+        TestApp {
+            url: server.url(),
+            server: Some(server),
+            db,
+            client: reqwest::Client::new(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    /// Another instance sharing this database (as a second pod would).
+    pub async fn second_instance(&self) -> TestApp {
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Self::on(self.db.clone(), &env).await
+    }
+
+    /// Stops the instance (graceful) and starts a new one on the same database, optionally
+    /// with other settings.
+    pub async fn restart(&mut self, env: Option<&[(&str, &str)]>) {
+        if let Some(s) = self.server.take() {
+            s.stop().await;
+        }
+        if let Some(env) = env {
+            self.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        }
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let server = start(&self.db, &env).await;
+        self.url = server.url();
+        self.server = Some(server);
+    }
+
+    /// Stops the instance.
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.stop().await;
+        }
+    }
+
+    /// The running instance's state.
+    pub fn state(&self) -> &AppState {
+        &self.server.as_ref().expect("server running").state
+    }
+
+    /// A vault with the test keys.
+    pub fn vault(&self) -> Vault {
+        vault_from(&self.db.settings(&[]))
+    }
+
+    /// A bearer token for any principal.
+    pub fn token(&self, user: &str, role: Role, territory: Territory) -> String {
+        let auth = Authenticator::from_settings(&self.db.settings(&[]).jwt, false).unwrap();
+        auth.mint(&Principal { user_id: user.into(), name: user.into(), role, territory }, 3600).unwrap()
+    }
+
+    /// A bearer token for a demo user id (`sales-de-1`, `manager-at`, `admin`, …).
+    pub fn token_for(&self, demo_user: &str) -> String {
+        let p = freshplan::demo::principal(demo_user).expect("demo user");
+        self.token(&p.user_id, p.role, p.territory)
+    }
+
+    /// `Authorization` header value for a demo user.
+    pub fn bearer(&self, demo_user: &str) -> String {
+        format!("Bearer {}", self.token_for(demo_user))
+    }
+
+    /// POST /api/leads as a demo user; returns the created lead JSON (panics unless 201).
+    pub async fn create_lead(&self, user: &str, body: serde_json::Value) -> serde_json::Value {
+        let r = self
+            .client
+            .post(format!("{}/api/leads", self.url))
+            .header("Authorization", self.bearer(user))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let json: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(status, 201, "create lead failed: {json}");
+        json
+    }
+
+    /// A minimal valid lead body.
+    pub fn lead_body(company: &str) -> serde_json::Value {
+        serde_json::json!({"companyName": company, "businessType": "RESTAURANT", "source": "MESSE"})
+    }
+
+    /// GET with a demo user's token.
+    pub async fn get(&self, user: &str, path: &str) -> reqwest::Response {
+        self.client.get(format!("{}{}", self.url, path)).header("Authorization", self.bearer(user)).send().await.unwrap()
+    }
+
+    /// PATCH a lead with If-Match.
+    pub async fn patch(&self, user: &str, id: &str, version: i64, body: serde_json::Value) -> reqwest::Response {
+        self.client
+            .patch(format!("{}/api/leads/{id}", self.url))
+            .header("Authorization", self.bearer(user))
+            .header("If-Match", format!("\"{version}\""))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// Vault from settings (the test keys).
+pub fn vault_from(settings: &Settings) -> Vault {
+    Vault::from_settings(&settings.pii).unwrap().expect("test keys configured")
+}
+
+async fn start(db: &TestDb, env: &[(&str, &str)]) -> Server {
+    let settings = db.settings(env);
+    let vault = vault_from(&settings);
+    let auth = Authenticator::from_settings(&settings.jwt, false).unwrap();
+    let state = AppState::connect(settings, auth, vault).await.expect("connect as application role");
+    Server::start(state, "127.0.0.1:0").await.expect("server starts")
+}
