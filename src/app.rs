@@ -36,7 +36,11 @@ pub struct AppState {
 impl AppState {
     /// Connects the runtime pool, checks that it cannot bypass row-level security, and
     /// assembles the state.
-    pub async fn connect(settings: Settings, auth: Authenticator, vault: Vault) -> anyhow::Result<Self> {
+    pub async fn connect(
+        settings: Settings,
+        auth: Authenticator,
+        vault: Vault,
+    ) -> anyhow::Result<Self> {
         let pool = db::connect(&settings.database_url, settings.pool_size, "freshplan").await?;
         db::check_runtime_role(&pool).await?;
         let metrics = Arc::new(Metrics::new());
@@ -99,10 +103,15 @@ pub fn router(state: AppState) -> Router {
         api = api.merge(auth::dev_login::router());
     }
     api.fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track_http))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track_http,
+        ))
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
         .layer(CatchPanicLayer::custom(|_| {
-            axum::response::IntoResponse::into_response(ApiError::Internal(anyhow::anyhow!("handler panicked")))
+            axum::response::IntoResponse::into_response(ApiError::Internal(anyhow::anyhow!(
+                "handler panicked"
+            )))
         }))
         .with_state(state)
 }
@@ -119,7 +128,9 @@ pub struct Server {
 impl Server {
     /// Binds `bind` (port 0 picks a free port), starts the event runtime and serves.
     pub async fn start(state: AppState, bind: &str) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| format!("cannot bind {bind}"))?;
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .with_context(|| format!("cannot bind {bind}"))?;
         let addr = listener.local_addr()?;
         let background = events::Background::start(&state).await?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -135,7 +146,13 @@ impl Server {
             }
         });
         tracing::info!(%addr, "FreshPlan Leads listening");
-        Ok(Server { addr, state, shutdown: Some(tx), http: Some(http), background })
+        Ok(Server {
+            addr,
+            state,
+            shutdown: Some(tx),
+            http: Some(http),
+            background,
+        })
     }
 
     /// Base URL, e.g. `http://127.0.0.1:8080`.
@@ -151,7 +168,10 @@ impl Server {
         self.background.stop().await;
         if let Some(h) = self.http.take() {
             // Open SSE streams would keep graceful shutdown waiting: give it a moment.
-            if tokio::time::timeout(std::time::Duration::from_secs(5), h).await.is_err() {
+            if tokio::time::timeout(std::time::Duration::from_secs(5), h)
+                .await
+                .is_err()
+            {
                 tracing::warn!("HTTP connections still open at shutdown");
             }
         }

@@ -19,30 +19,150 @@ struct Key {
 }
 
 const KEYS: &[Key] = &[
-    Key { name: "features.dashboard.lead-widget.enabled", default: "true", alias_env: None, doc: "false: widget endpoint answers 404 feature-disabled" },
-    Key { name: "features.events.cross-module.enabled", default: "true", alias_env: None, doc: "false: consumers are no-ops, events wait in the outbox" },
-    Key { name: "features.metrics.prometheus.enabled", default: "true", alias_env: None, doc: "false: /q/metrics answers 404" },
-    Key { name: "freshplan.security.allow-unauthenticated-publisher", default: "false", alias_env: None, doc: "true only in tests" },
-    Key { name: "freshplan.security.rls.enabled", default: "true", alias_env: None, doc: "false is refused at start" },
-    Key { name: "freshplan.database.url", default: "\"postgres://freshplan_app@127.0.0.1:5432/freshplan\"", alias_env: Some("DATABASE_URL"), doc: "runtime database and the application role it logs in as" },
-    Key { name: "freshplan.database.admin-url", default: "\"postgres://postgres@127.0.0.1:5432/postgres\"", alias_env: Some("FRESHPLAN_ADMIN_DATABASE_URL"), doc: "used only by migrate and serve --demo" },
-    Key { name: "freshplan.database.owner-role", default: "\"freshplan_owner\"", alias_env: None, doc: "role that owns the schema (never logs in)" },
-    Key { name: "freshplan.database.pool-size", default: "16", alias_env: None, doc: "runtime connections per instance" },
-    Key { name: "freshplan.auth.jwt.secret", default: "\"\"", alias_env: None, doc: "HS256 secret (at least 32 bytes)" },
-    Key { name: "freshplan.auth.jwt.public-key-file", default: "\"\"", alias_env: None, doc: "RS256 public key (PEM)" },
-    Key { name: "freshplan.auth.jwt.jwks-file", default: "\"\"", alias_env: None, doc: "RS256 keys as a JWKS file" },
-    Key { name: "freshplan.auth.jwt.issuer", default: "\"\"", alias_env: None, doc: "required iss claim, if set" },
-    Key { name: "freshplan.auth.dev-login.enabled", default: "false", alias_env: None, doc: "development login page and session cookie (on with --demo)" },
-    Key { name: "freshplan.pii.key-file", default: "\"\"", alias_env: None, doc: "TOML file with PII keys (active, lookup-key, [keys])" },
-    Key { name: "freshplan.pii.keys", default: "\"\"", alias_env: None, doc: "PII keys inline: id:base64,id:base64 (last is active)" },
-    Key { name: "freshplan.pii.lookup-key", default: "\"\"", alias_env: None, doc: "HMAC key for contact lookup hashes (base64, 32 bytes)" },
-    Key { name: "freshplan.events.poll-interval-ms", default: "1000", alias_env: None, doc: "catch-up poll covering a lost doorbell" },
-    Key { name: "freshplan.events.outbox-retention-hours", default: "168", alias_env: None, doc: "outbox rows older than this are pruned" },
-    Key { name: "freshplan.events.inbox-retention-hours", default: "336", alias_env: None, doc: "inbox rows kept at least as long as the outbox" },
-    Key { name: "freshplan.events.dedupe-cache-size", default: "65536", alias_env: None, doc: "in-memory dedupe entries in front of the inbox" },
-    Key { name: "freshplan.events.sse-queue-size", default: "256", alias_env: None, doc: "per-subscriber queue; overflow sends one resync" },
-    Key { name: "freshplan.events.sse-keepalive-seconds", default: "15", alias_env: None, doc: "SSE keep-alive comment interval" },
-    Key { name: "freshplan.http.max-body-bytes", default: "65536", alias_env: None, doc: "larger request bodies answer 413" },
+    Key {
+        name: "features.dashboard.lead-widget.enabled",
+        default: "true",
+        alias_env: None,
+        doc: "false: widget endpoint answers 404 feature-disabled",
+    },
+    Key {
+        name: "features.events.cross-module.enabled",
+        default: "true",
+        alias_env: None,
+        doc: "false: consumers are no-ops, events wait in the outbox",
+    },
+    Key {
+        name: "features.metrics.prometheus.enabled",
+        default: "true",
+        alias_env: None,
+        doc: "false: /q/metrics answers 404",
+    },
+    Key {
+        name: "freshplan.security.allow-unauthenticated-publisher",
+        default: "false",
+        alias_env: None,
+        doc: "true only in tests",
+    },
+    Key {
+        name: "freshplan.security.rls.enabled",
+        default: "true",
+        alias_env: None,
+        doc: "false is refused at start",
+    },
+    Key {
+        name: "freshplan.database.url",
+        default: "\"postgres://freshplan_app@127.0.0.1:5432/freshplan\"",
+        alias_env: Some("DATABASE_URL"),
+        doc: "runtime database and the application role it logs in as",
+    },
+    Key {
+        name: "freshplan.database.admin-url",
+        default: "\"postgres://postgres@127.0.0.1:5432/postgres\"",
+        alias_env: Some("FRESHPLAN_ADMIN_DATABASE_URL"),
+        doc: "used only by migrate and serve --demo",
+    },
+    Key {
+        name: "freshplan.database.owner-role",
+        default: "\"freshplan_owner\"",
+        alias_env: None,
+        doc: "role that owns the schema (never logs in)",
+    },
+    Key {
+        name: "freshplan.database.pool-size",
+        default: "16",
+        alias_env: None,
+        doc: "runtime connections per instance",
+    },
+    Key {
+        name: "freshplan.auth.jwt.secret",
+        default: "\"\"",
+        alias_env: None,
+        doc: "HS256 secret (at least 32 bytes)",
+    },
+    Key {
+        name: "freshplan.auth.jwt.public-key-file",
+        default: "\"\"",
+        alias_env: None,
+        doc: "RS256 public key (PEM)",
+    },
+    Key {
+        name: "freshplan.auth.jwt.jwks-file",
+        default: "\"\"",
+        alias_env: None,
+        doc: "RS256 keys as a JWKS file",
+    },
+    Key {
+        name: "freshplan.auth.jwt.issuer",
+        default: "\"\"",
+        alias_env: None,
+        doc: "required iss claim, if set",
+    },
+    Key {
+        name: "freshplan.auth.dev-login.enabled",
+        default: "false",
+        alias_env: None,
+        doc: "development login page and session cookie (on with --demo)",
+    },
+    Key {
+        name: "freshplan.pii.key-file",
+        default: "\"\"",
+        alias_env: None,
+        doc: "TOML file with PII keys (active, lookup-key, [keys])",
+    },
+    Key {
+        name: "freshplan.pii.keys",
+        default: "\"\"",
+        alias_env: None,
+        doc: "PII keys inline: id:base64,id:base64 (last is active)",
+    },
+    Key {
+        name: "freshplan.pii.lookup-key",
+        default: "\"\"",
+        alias_env: None,
+        doc: "HMAC key for contact lookup hashes (base64, 32 bytes)",
+    },
+    Key {
+        name: "freshplan.events.poll-interval-ms",
+        default: "1000",
+        alias_env: None,
+        doc: "catch-up poll covering a lost doorbell",
+    },
+    Key {
+        name: "freshplan.events.outbox-retention-hours",
+        default: "168",
+        alias_env: None,
+        doc: "outbox rows older than this are pruned",
+    },
+    Key {
+        name: "freshplan.events.inbox-retention-hours",
+        default: "336",
+        alias_env: None,
+        doc: "inbox rows kept at least as long as the outbox",
+    },
+    Key {
+        name: "freshplan.events.dedupe-cache-size",
+        default: "65536",
+        alias_env: None,
+        doc: "in-memory dedupe entries in front of the inbox",
+    },
+    Key {
+        name: "freshplan.events.sse-queue-size",
+        default: "256",
+        alias_env: None,
+        doc: "per-subscriber queue; overflow sends one resync",
+    },
+    Key {
+        name: "freshplan.events.sse-keepalive-seconds",
+        default: "15",
+        alias_env: None,
+        doc: "SSE keep-alive comment interval",
+    },
+    Key {
+        name: "freshplan.http.max-body-bytes",
+        default: "65536",
+        alias_env: None,
+        doc: "larger request bodies answer 413",
+    },
 ];
 
 /// Errors that name the offending key.
@@ -55,7 +175,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.to_string(), message: message.into() }
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
 }
 
 /// Feature toggles (CONTRACT.md "Configuration").
@@ -121,7 +244,11 @@ pub fn env_name(key: &str) -> String {
 fn flatten(prefix: &str, value: &figment::value::Value, out: &mut Vec<String>) {
     if let figment::value::Value::Dict(_, dict) = value {
         for (k, v) in dict {
-            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
             flatten(&key, v, out);
         }
     } else {
@@ -179,7 +306,8 @@ impl Settings {
 
     fn from_figment(f: &Figment) -> Result<Self, ConfigError> {
         fn get<T: serde::de::DeserializeOwned>(f: &Figment, key: &str) -> Result<T, ConfigError> {
-            f.extract_inner_lossy::<T>(key).map_err(|e| invalid(key, e.to_string()))
+            f.extract_inner_lossy::<T>(key)
+                .map_err(|e| invalid(key, e.to_string()))
         }
         fn path(f: &Figment, key: &str) -> Result<Option<PathBuf>, ConfigError> {
             let s: String = get(f, key)?;
@@ -235,13 +363,22 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         if !(1..=512).contains(&self.pool_size) {
-            return Err(invalid("freshplan.database.pool-size", "must be between 1 and 512"));
+            return Err(invalid(
+                "freshplan.database.pool-size",
+                "must be between 1 and 512",
+            ));
         }
         if self.events.poll_interval_ms < 10 {
-            return Err(invalid("freshplan.events.poll-interval-ms", "must be at least 10"));
+            return Err(invalid(
+                "freshplan.events.poll-interval-ms",
+                "must be at least 10",
+            ));
         }
         if self.events.outbox_retention_hours < 1 {
-            return Err(invalid("freshplan.events.outbox-retention-hours", "must be at least 1"));
+            return Err(invalid(
+                "freshplan.events.outbox-retention-hours",
+                "must be at least 1",
+            ));
         }
         if self.events.inbox_retention_hours < self.events.outbox_retention_hours {
             return Err(invalid(
@@ -250,13 +387,22 @@ impl Settings {
             ));
         }
         if self.events.sse_queue_size < 1 || self.events.dedupe_cache_size < 1 {
-            return Err(invalid("freshplan.events.sse-queue-size", "must be at least 1"));
+            return Err(invalid(
+                "freshplan.events.sse-queue-size",
+                "must be at least 1",
+            ));
         }
         if !self.jwt.secret.is_empty() && self.jwt.secret.len() < 32 {
-            return Err(invalid("freshplan.auth.jwt.secret", "must be at least 32 bytes long"));
+            return Err(invalid(
+                "freshplan.auth.jwt.secret",
+                "must be at least 32 bytes long",
+            ));
         }
         if self.max_body_bytes < 1024 {
-            return Err(invalid("freshplan.http.max-body-bytes", "must be at least 1024"));
+            return Err(invalid(
+                "freshplan.http.max-body-bytes",
+                "must be at least 1024",
+            ));
         }
         for (key, url) in [
             ("freshplan.database.url", &self.database_url),
@@ -286,7 +432,10 @@ mod toml_value {
             let figment = figment::Figment::from(
                 <figment::providers::Toml as figment::providers::Format>::string(&doc),
             );
-            figment.find_value("v").map(Value).map_err(|e| e.to_string())
+            figment
+                .find_value("v")
+                .map(Value)
+                .map_err(|e| e.to_string())
         }
     }
 }
@@ -297,8 +446,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn load(file: Option<&str>, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let env: HashMap<String, String> =
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("freshplan.toml");
         if let Some(text) = file {
@@ -330,7 +481,10 @@ mod tests {
     #[test]
     fn turning_rls_off_is_refused_naming_the_key() {
         let err = load(Some("freshplan.security.rls.enabled = false"), &[]).unwrap_err();
-        assert!(err.to_string().contains("freshplan.security.rls.enabled"), "{err}");
+        assert!(
+            err.to_string().contains("freshplan.security.rls.enabled"),
+            "{err}"
+        );
         let err = load(None, &[("FRESHPLAN_SECURITY_RLS_ENABLED", "false")]).unwrap_err();
         assert!(err.to_string().contains("cannot be turned off"), "{err}");
     }
@@ -340,10 +494,16 @@ mod tests {
         let err = load(Some("features.dashboard.lead-widgit.enabled = true"), &[]).unwrap_err();
         assert!(err.to_string().contains("lead-widgit"), "{err}");
         let err = load(None, &[("FRESHPLAN_DATABASE_POOL_SIZE", "many")]).unwrap_err();
-        assert!(err.to_string().contains("freshplan.database.pool-size"), "{err}");
+        assert!(
+            err.to_string().contains("freshplan.database.pool-size"),
+            "{err}"
+        );
         let err = load(
             None,
-            &[("FRESHPLAN_EVENTS_INBOX_RETENTION_HOURS", "1"), ("FRESHPLAN_EVENTS_OUTBOX_RETENTION_HOURS", "2")],
+            &[
+                ("FRESHPLAN_EVENTS_INBOX_RETENTION_HOURS", "1"),
+                ("FRESHPLAN_EVENTS_OUTBOX_RETENTION_HOURS", "2"),
+            ],
         )
         .unwrap_err();
         assert!(err.to_string().contains("inbox-retention-hours"), "{err}");

@@ -17,40 +17,118 @@ use crate::territory::Territory;
 /// Demo users: (id, name, role, territory).
 pub const USERS: &[(&str, &str, Role, Territory)] = &[
     ("admin", "Anna Admin", Role::Admin, Territory::DE),
-    ("manager-de", "Markus Manager (DE)", Role::Manager, Territory::DE),
-    ("manager-at", "Maria Managerin (AT)", Role::Manager, Territory::AT),
-    ("manager-ch", "Marco Manager (CH)", Role::Manager, Territory::CH),
-    ("sales-de-1", "Sabine Vertrieb (DE 1)", Role::Sales, Territory::DE),
-    ("sales-de-2", "Stefan Vertrieb (DE 2)", Role::Sales, Territory::DE),
-    ("sales-at-1", "Sophie Vertrieb (AT 1)", Role::Sales, Territory::AT),
-    ("sales-at-2", "Simon Vertrieb (AT 2)", Role::Sales, Territory::AT),
-    ("sales-ch-1", "Selina Vertrieb (CH 1)", Role::Sales, Territory::CH),
-    ("sales-ch-2", "Samuel Vertrieb (CH 2)", Role::Sales, Territory::CH),
+    (
+        "manager-de",
+        "Markus Manager (DE)",
+        Role::Manager,
+        Territory::DE,
+    ),
+    (
+        "manager-at",
+        "Maria Managerin (AT)",
+        Role::Manager,
+        Territory::AT,
+    ),
+    (
+        "manager-ch",
+        "Marco Manager (CH)",
+        Role::Manager,
+        Territory::CH,
+    ),
+    (
+        "sales-de-1",
+        "Sabine Vertrieb (DE 1)",
+        Role::Sales,
+        Territory::DE,
+    ),
+    (
+        "sales-de-2",
+        "Stefan Vertrieb (DE 2)",
+        Role::Sales,
+        Territory::DE,
+    ),
+    (
+        "sales-at-1",
+        "Sophie Vertrieb (AT 1)",
+        Role::Sales,
+        Territory::AT,
+    ),
+    (
+        "sales-at-2",
+        "Simon Vertrieb (AT 2)",
+        Role::Sales,
+        Territory::AT,
+    ),
+    (
+        "sales-ch-1",
+        "Selina Vertrieb (CH 1)",
+        Role::Sales,
+        Territory::CH,
+    ),
+    (
+        "sales-ch-2",
+        "Samuel Vertrieb (CH 2)",
+        Role::Sales,
+        Territory::CH,
+    ),
     ("viewer-de", "Vera Viewer (DE)", Role::Viewer, Territory::DE),
 ];
 
 /// The demo principal with this id.
 pub fn principal(id: &str) -> Option<Principal> {
-    USERS.iter().find(|u| u.0 == id).map(|(id, name, role, territory)| Principal {
-        user_id: id.to_string(),
-        name: name.to_string(),
-        role: *role,
-        territory: *territory,
-    })
+    USERS
+        .iter()
+        .find(|u| u.0 == id)
+        .map(|(id, name, role, territory)| Principal {
+            user_id: id.to_string(),
+            name: name.to_string(),
+            role: *role,
+            territory: *territory,
+        })
 }
 
 const SEED_NAMESPACE: Uuid = uuid::uuid!("5b0f3c1e-8f0a-4d7e-9a51-3c2b1d0e9f47");
 
 const COMPANY_WORDS: &[&str] = &[
-    "Sonne", "Linde", "Adler", "Krone", "Hirsch", "Post", "Rose", "Bergblick", "Seeblick", "Eiche",
-    "Stern", "Mühle", "Alpenrose", "Löwen", "Traube", "Schwan", "Anker", "Bären", "Rössli", "Falken",
+    "Sonne",
+    "Linde",
+    "Adler",
+    "Krone",
+    "Hirsch",
+    "Post",
+    "Rose",
+    "Bergblick",
+    "Seeblick",
+    "Eiche",
+    "Stern",
+    "Mühle",
+    "Alpenrose",
+    "Löwen",
+    "Traube",
+    "Schwan",
+    "Anker",
+    "Bären",
+    "Rössli",
+    "Falken",
 ];
-const FIRST: &[&str] = &["Anna", "Lukas", "Mia", "Felix", "Lea", "Jonas", "Emma", "Paul", "Laura", "Max"];
-const LAST: &[&str] = &["Schmidt", "Müller", "Weber", "Huber", "Meier", "Wagner", "Gruber", "Keller", "Fischer", "Brunner"];
+const FIRST: &[&str] = &[
+    "Anna", "Lukas", "Mia", "Felix", "Lea", "Jonas", "Emma", "Paul", "Laura", "Max",
+];
+const LAST: &[&str] = &[
+    "Schmidt", "Müller", "Weber", "Huber", "Meier", "Wagner", "Gruber", "Keller", "Fischer",
+    "Brunner",
+];
 const CITIES: &[(&str, Territory)] = &[
-    ("München", Territory::DE), ("Berlin", Territory::DE), ("Hamburg", Territory::DE), ("Köln", Territory::DE),
-    ("Wien", Territory::AT), ("Graz", Territory::AT), ("Salzburg", Territory::AT),
-    ("Zürich", Territory::CH), ("Bern", Territory::CH), ("Basel", Territory::CH),
+    ("München", Territory::DE),
+    ("Berlin", Territory::DE),
+    ("Hamburg", Territory::DE),
+    ("Köln", Territory::DE),
+    ("Wien", Territory::AT),
+    ("Graz", Territory::AT),
+    ("Salzburg", Territory::AT),
+    ("Zürich", Territory::CH),
+    ("Bern", Territory::CH),
+    ("Basel", Territory::CH),
 ];
 
 fn prefix(bt: BusinessType) -> &'static str {
@@ -82,11 +160,22 @@ fn pick<T: Copy>(rng: &mut StdRng, items: &[T]) -> T {
 fn weighted_status(rng: &mut StdRng, age_days: i64) -> LeadStatus {
     use LeadStatus::*;
     if age_days < 2 {
-        return if rng.gen_bool(0.5) { Registered } else { Active };
+        return if rng.gen_bool(0.5) {
+            Registered
+        } else {
+            Active
+        };
     }
     let table = [
-        (Active, 35), (Registered, 12), (Reminder, 8), (GracePeriod, 4), (Qualified, 12),
-        (Converted, 10), (Lost, 8), (Expired, 8), (Deleted, 3),
+        (Active, 35),
+        (Registered, 12),
+        (Reminder, 8),
+        (GracePeriod, 4),
+        (Qualified, 12),
+        (Converted, 10),
+        (Lost, 8),
+        (Expired, 8),
+        (Deleted, 3),
     ];
     let total: u32 = table.iter().map(|t| t.1).sum();
     let mut n = rng.gen_range(0..total);
@@ -120,7 +209,8 @@ pub async fn seed(pool: &PgPool, vault: &Vault, leads: usize) -> anyhow::Result<
 
     let mut rng = StdRng::seed_from_u64(20261128);
     let now = Utc::now();
-    let sales: Vec<&(&str, &str, Role, Territory)> = USERS.iter().filter(|u| u.2 == Role::Sales).collect();
+    let sales: Vec<&(&str, &str, Role, Territory)> =
+        USERS.iter().filter(|u| u.2 == Role::Sales).collect();
     for chunk_start in (0..leads).step_by(500) {
         let chunk = chunk_start..(chunk_start + 500).min(leads);
         let mut l = LeadColumns::default();
@@ -139,33 +229,64 @@ pub async fn seed(pool: &PgPool, vault: &Vault, leads: usize) -> anyhow::Result<
             let registered = now - Duration::minutes(age_minutes);
             let age_days = age_minutes / (24 * 60);
             let status = weighted_status(&mut rng, age_days);
-            let followed = matches!(status, LeadStatus::Active | LeadStatus::Reminder | LeadStatus::GracePeriod | LeadStatus::Qualified | LeadStatus::Converted | LeadStatus::Lost);
-            let t3 = (followed && age_days >= 3 && rng.gen_bool(0.7)).then(|| registered + Duration::days(3) + Duration::hours(2));
-            let t7 = (t3.is_some() && age_days >= 7 && rng.gen_bool(0.6)).then(|| registered + Duration::days(7) + Duration::hours(2));
+            let followed = matches!(
+                status,
+                LeadStatus::Active
+                    | LeadStatus::Reminder
+                    | LeadStatus::GracePeriod
+                    | LeadStatus::Qualified
+                    | LeadStatus::Converted
+                    | LeadStatus::Lost
+            );
+            let t3 = (followed && age_days >= 3 && rng.gen_bool(0.7))
+                .then(|| registered + Duration::days(3) + Duration::hours(2));
+            let t7 = (t3.is_some() && age_days >= 7 && rng.gen_bool(0.6))
+                .then(|| registered + Duration::days(7) + Duration::hours(2));
             let first = pick(&mut rng, FIRST);
             let last = pick(&mut rng, LAST);
-            let email = normalize_email(&format!("{}.{}.{i}@example.com", first.to_lowercase(), last.to_lowercase()))
-                .map_err(anyhow::Error::msg)?;
-            let phone = format!("0{} {}", rng.gen_range(30..999), rng.gen_range(100_000..9_999_999));
+            let email = normalize_email(&format!(
+                "{}.{}.{i}@example.com",
+                first.to_lowercase(),
+                last.to_lowercase()
+            ))
+            .map_err(anyhow::Error::msg)?;
+            let phone = format!(
+                "0{} {}",
+                rng.gen_range(30..999),
+                rng.gen_range(100_000..9_999_999)
+            );
             let phone_e164 = normalize_phone(&phone, territory).map_err(anyhow::Error::msg)?;
             let city_pool: Vec<_> = CITIES.iter().filter(|c| c.1 == territory).collect();
             let collaborators: Vec<String> = if rng.gen_bool(0.2) {
-                team.iter().map(|u| u.0.to_string()).filter(|u| u != owner).take(1).collect()
+                team.iter()
+                    .map(|u| u.0.to_string())
+                    .filter(|u| u != owner)
+                    .take(1)
+                    .collect()
             } else {
                 Vec::new()
             };
             let updated = now - Duration::minutes(rng.gen_range(1..age_minutes.max(2)));
             l.id.push(id);
-            l.company.push(format!("{} {} {}", prefix(bt), pick(&mut rng, COMPANY_WORDS), pick(&mut rng, &["GmbH", "KG", "AG", "& Co."])));
-            l.contact.push(vault.seal(id, PiiField::ContactPerson, &format!("{first} {last}")));
-            l.email_hash.push(vault.lookup_hash(PiiField::Email, &email));
+            l.company.push(format!(
+                "{} {} {}",
+                prefix(bt),
+                pick(&mut rng, COMPANY_WORDS),
+                pick(&mut rng, &["GmbH", "KG", "AG", "& Co."])
+            ));
+            l.contact
+                .push(vault.seal(id, PiiField::ContactPerson, &format!("{first} {last}")));
+            l.email_hash
+                .push(vault.lookup_hash(PiiField::Email, &email));
             l.email.push(vault.seal(id, PiiField::Email, &email));
-            l.phone_hash.push(vault.lookup_hash(PiiField::Phone, &phone_e164));
+            l.phone_hash
+                .push(vault.lookup_hash(PiiField::Phone, &phone_e164));
             l.phone.push(vault.seal(id, PiiField::Phone, &phone));
             l.city.push(pick(&mut rng, &city_pool).0.to_string());
             l.territory.push(territory.code().to_string());
             l.business_type.push(bt.as_str().to_string());
-            l.source.push(pick(&mut rng, LeadSource::ALL).as_str().to_string());
+            l.source
+                .push(pick(&mut rng, LeadSource::ALL).as_str().to_string());
             l.owner.push(owner.to_string());
             l.collaborators.push(collaborators.join(","));
             l.status.push(status.as_str().to_string());
@@ -177,10 +298,24 @@ pub async fn seed(pool: &PgPool, vault: &Vault, leads: usize) -> anyhow::Result<
             l.updated.push(updated);
             let mut last_activity = registered;
             for k in 0..rng.gen_range(0..5) {
-                let kind = pick(&mut rng, &[ActivityType::Call, ActivityType::Email, ActivityType::Note, ActivityType::Meeting, ActivityType::SampleSent, ActivityType::EmailReceived, ActivityType::Demo]);
+                let kind = pick(
+                    &mut rng,
+                    &[
+                        ActivityType::Call,
+                        ActivityType::Email,
+                        ActivityType::Note,
+                        ActivityType::Meeting,
+                        ActivityType::SampleSent,
+                        ActivityType::EmailReceived,
+                        ActivityType::Demo,
+                    ],
+                );
                 let at = registered + Duration::minutes(rng.gen_range(1..age_minutes.max(2)));
                 last_activity = last_activity.max(at);
-                a.id.push(Uuid::new_v5(&SEED_NAMESPACE, format!("activity-{i}-{k}").as_bytes()));
+                a.id.push(Uuid::new_v5(
+                    &SEED_NAMESPACE,
+                    format!("activity-{i}-{k}").as_bytes(),
+                ));
                 a.lead.push(id);
                 a.kind.push(kind.as_str().to_string());
                 a.meaningful.push(kind.is_meaningful());
@@ -313,11 +448,11 @@ impl ActivityColumns {
 /// Keeps the demo moving: every few seconds a demo sales user logs an activity on one of their
 /// leads, or moves a fresh lead on, through the same handlers the API uses (events included).
 pub fn spawn_live_activity(state: crate::app::AppState) -> tokio::task::JoinHandle<()> {
-    use axum::extract::{Path, State};
     use crate::auth::MaybePrincipal;
     use crate::error::AppJson;
     use crate::leads::http;
     use crate::leads::model::{NewActivity, PatchLead};
+    use axum::extract::{Path, State};
 
     tokio::spawn(async move {
         let mut rng = StdRng::from_entropy();
@@ -339,20 +474,53 @@ pub fn spawn_live_activity(state: crate::app::AppState) -> tokio::task::JoinHand
                 Ok::<_, sqlx::Error>(row)
             }
             .await;
-            let Ok(Some((lead, status, version))) = lead else { continue };
+            let Ok(Some((lead, status, version))) = lead else {
+                continue;
+            };
             let result = if status == "REGISTERED" && rng.gen_bool(0.3) {
                 let mut headers = axum::http::HeaderMap::new();
-                headers.insert(axum::http::header::IF_MATCH, format!("\"{version}\"").parse().expect("digits"));
-                let body = PatchLead { status: Some(LeadStatus::Active), ..Default::default() };
-                http::patch_lead(State(state.clone()), MaybePrincipal(Some(p)), Path(lead.to_string()), headers, AppJson(body))
-                    .await
-                    .map(|_| ())
+                headers.insert(
+                    axum::http::header::IF_MATCH,
+                    format!("\"{version}\"").parse().expect("digits"),
+                );
+                let body = PatchLead {
+                    status: Some(LeadStatus::Active),
+                    ..Default::default()
+                };
+                http::patch_lead(
+                    State(state.clone()),
+                    MaybePrincipal(Some(p)),
+                    Path(lead.to_string()),
+                    headers,
+                    AppJson(body),
+                )
+                .await
+                .map(|_| ())
             } else {
-                let kind = pick(&mut rng, &[ActivityType::Call, ActivityType::Email, ActivityType::Meeting, ActivityType::EmailReceived, ActivityType::Note]);
-                let body = NewActivity { activity_type: kind, description: None, occurred_at: None, outcome: None };
-                http::add_activity(State(state.clone()), MaybePrincipal(Some(p)), Path(lead.to_string()), AppJson(body))
-                    .await
-                    .map(|_| ())
+                let kind = pick(
+                    &mut rng,
+                    &[
+                        ActivityType::Call,
+                        ActivityType::Email,
+                        ActivityType::Meeting,
+                        ActivityType::EmailReceived,
+                        ActivityType::Note,
+                    ],
+                );
+                let body = NewActivity {
+                    activity_type: kind,
+                    description: None,
+                    occurred_at: None,
+                    outcome: None,
+                };
+                http::add_activity(
+                    State(state.clone()),
+                    MaybePrincipal(Some(p)),
+                    Path(lead.to_string()),
+                    AppJson(body),
+                )
+                .await
+                .map(|_| ())
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "demo activity skipped");

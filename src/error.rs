@@ -36,7 +36,11 @@ pub enum ApiError {
     #[error("the lead was changed by someone else (current version {current}); reload and retry")]
     StaleVersion { current: i64 },
     #[error("status transition {from} → {to} is not allowed")]
-    InvalidTransition { from: String, to: String, reason: String },
+    InvalidTransition {
+        from: String,
+        to: String,
+        reason: String,
+    },
     #[error("a live lead with this contact email already exists in the territory")]
     DuplicateContact { existing: Option<Uuid> },
     #[error("{0}")]
@@ -66,41 +70,65 @@ impl ApiError {
     pub fn parts(&self) -> (StatusCode, &'static str, &'static str) {
         use ApiError::*;
         match self {
-            Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated", "Unauthenticated"),
+            Unauthenticated => (
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "Unauthenticated",
+            ),
             Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
             NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
-            FeatureDisabled(_) => (StatusCode::NOT_FOUND, "feature-disabled", "Feature disabled"),
+            FeatureDisabled(_) => (
+                StatusCode::NOT_FOUND,
+                "feature-disabled",
+                "Feature disabled",
+            ),
             MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed-json", "Malformed JSON"),
-            InvalidField(_) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "invalid-field", "Invalid field")
-            }
+            InvalidField(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-field",
+                "Invalid field",
+            ),
             UnsupportedMediaType(_) => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported-media-type",
                 "Unsupported media type",
             ),
-            PayloadTooLarge => {
-                (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large")
-            }
+            PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                "Payload too large",
+            ),
             PreconditionRequired => (
                 StatusCode::PRECONDITION_REQUIRED,
                 "precondition-required",
                 "Precondition required",
             ),
-            StaleVersion { .. } => {
-                (StatusCode::PRECONDITION_FAILED, "stale-version", "Stale version")
-            }
-            InvalidTransition { .. } => {
-                (StatusCode::CONFLICT, "invalid-transition", "Invalid status transition")
-            }
-            DuplicateContact { .. } => {
-                (StatusCode::CONFLICT, "duplicate-contact", "Duplicate contact")
-            }
+            StaleVersion { .. } => (
+                StatusCode::PRECONDITION_FAILED,
+                "stale-version",
+                "Stale version",
+            ),
+            InvalidTransition { .. } => (
+                StatusCode::CONFLICT,
+                "invalid-transition",
+                "Invalid status transition",
+            ),
+            DuplicateContact { .. } => (
+                StatusCode::CONFLICT,
+                "duplicate-contact",
+                "Duplicate contact",
+            ),
             Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
-            Unavailable(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable")
-            }
-            Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
+            Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Service unavailable",
+            ),
+            Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+            ),
         }
     }
 
@@ -151,7 +179,9 @@ impl From<JsonRejection> for ApiError {
         match rejection {
             JsonRejection::JsonSyntaxError(e) => ApiError::MalformedJson(format!(
                 "request body is not valid JSON: {}",
-                std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()
+                std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
             )),
             JsonRejection::JsonDataError(e) => ApiError::InvalidField(
                 std::error::Error::source(&e)
@@ -161,9 +191,7 @@ impl From<JsonRejection> for ApiError {
             JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType(
                 "send the body as Content-Type: application/json".into(),
             ),
-            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                ApiError::PayloadTooLarge
-            }
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
             other => ApiError::MalformedJson(other.body_text()),
         }
     }

@@ -14,7 +14,11 @@ use freshplan::pii::{self, Vault};
 use freshplan::{demo, telemetry};
 
 #[derive(Parser)]
-#[command(name = "freshplan", version, about = "FreshPlan Leads: lead management and Sales Cockpit")]
+#[command(
+    name = "freshplan",
+    version,
+    about = "FreshPlan Leads: lead management and Sales Cockpit"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -139,8 +143,13 @@ async fn serve(config: Option<&Path>, bind: &str, demo_mode: bool) -> anyhow::Re
     if demo_mode {
         settings.dev_login = true;
         if !embedded::answers(&settings.admin_database_url).await {
-            tracing::warn!("nothing answers at the admin database address: starting a private cluster");
-            cluster = Some(embedded::EmbeddedCluster::start(&demo_dir().join("pgdata"), &settings.admin_database_url)?);
+            tracing::warn!(
+                "nothing answers at the admin database address: starting a private cluster"
+            );
+            cluster = Some(embedded::EmbeddedCluster::start(
+                &demo_dir().join("pgdata"),
+                &settings.admin_database_url,
+            )?);
         }
         migrate(&settings).await?;
     }
@@ -149,7 +158,11 @@ async fn serve(config: Option<&Path>, bind: &str, demo_mode: bool) -> anyhow::Re
     let state = AppState::connect(settings, auth, vault).await?;
     if demo_mode {
         let report = demo::seed(&state.pool, &state.vault, 3000).await?;
-        tracing::info!(leads = report.leads, activities = report.activities, "demo data ready");
+        tracing::info!(
+            leads = report.leads,
+            activities = report.activities,
+            "demo data ready"
+        );
     }
     let server = Server::start(state, bind).await?;
     let live = demo_mode.then(|| demo::spawn_live_activity(server.state.clone()));
@@ -176,10 +189,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate { config } => {
             let settings = Settings::load(config.as_deref())?;
             migrate(&settings).await?;
-            println!("database {} is migrated", db::redact_url(&settings.database_url));
+            println!(
+                "database {} is migrated",
+                db::redact_url(&settings.database_url)
+            );
             Ok(())
         }
-        Command::Seed { config, demo: demo_flag, leads } => {
+        Command::Seed {
+            config,
+            demo: demo_flag,
+            leads,
+        } => {
             if !demo_flag {
                 bail!("only demo data can be seeded: use `freshplan seed --demo`");
             }
@@ -188,10 +208,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let pool = db::connect(&settings.database_url, 4, "freshplan-seed").await?;
             db::check_runtime_role(&pool).await?;
             let r = demo::seed(&pool, &vault, leads).await?;
-            println!("seeded {} users, {} leads, {} activities (existing rows kept)", r.users, r.leads, r.activities);
+            println!(
+                "seeded {} users, {} leads, {} activities (existing rows kept)",
+                r.users, r.leads, r.activities
+            );
             Ok(())
         }
-        Command::Token { config, user, role, territory, name, ttl_hours } => {
+        Command::Token {
+            config,
+            user,
+            role,
+            territory,
+            name,
+            ttl_hours,
+        } => {
             let settings = Settings::load(config.as_deref())?;
             let role: Role = role.parse().map_err(anyhow::Error::msg)?;
             if role == Role::System {
@@ -199,21 +229,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let territory = territory.parse().map_err(anyhow::Error::msg)?;
             let auth = Authenticator::from_settings(&settings.jwt, true)?;
-            let p = Principal { name: name.unwrap_or_else(|| user.clone()), user_id: user, role, territory };
+            let p = Principal {
+                name: name.unwrap_or_else(|| user.clone()),
+                user_id: user,
+                role,
+                territory,
+            };
             println!("{}", auth.mint(&p, ttl_hours * 3600)?);
             Ok(())
         }
-        Command::Keys { command: KeysCommand::Generate { id } } => {
+        Command::Keys {
+            command: KeysCommand::Generate { id },
+        } => {
             print!("{}", pii::new_key_file(&id));
             Ok(())
         }
-        Command::Keys { command: KeysCommand::Rotate { config, batch } } => {
+        Command::Keys {
+            command: KeysCommand::Rotate { config, batch },
+        } => {
             let settings = Settings::load(config.as_deref())?;
             let vault = vault(&settings, false)?;
             let pool = db::connect(&settings.database_url, 2, "freshplan-keys").await?;
             db::check_runtime_role(&pool).await?;
             let r = pii::rotate::rotate(&pool, &vault, batch.clamp(1, 10_000)).await?;
-            println!("re-encrypted {} leads in {} batches under key `{}`", r.rows, r.batches, vault.active_key_id());
+            println!(
+                "re-encrypted {} leads in {} batches under key `{}`",
+                r.rows,
+                r.batches,
+                vault.active_key_id()
+            );
             Ok(())
         }
     }

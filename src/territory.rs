@@ -49,7 +49,9 @@ impl FromStr for Territory {
             "DE" => Ok(Territory::DE),
             "AT" => Ok(Territory::AT),
             "CH" => Ok(Territory::CH),
-            other => Err(format!("unknown territory `{other}` (expected DE, AT or CH)")),
+            other => Err(format!(
+                "unknown territory `{other}` (expected DE, AT or CH)"
+            )),
         }
     }
 }

@@ -28,23 +28,43 @@ fn db_env(cmd: &mut Command, db_name: &str) {
 
 #[tokio::test]
 async fn migrate_creates_roles_and_schema_and_is_idempotent_then_seed_loads_demo_data_once() {
-    let name = format!("fp_test_cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let name = format!(
+        "fp_test_cli_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
     for _ in 0..2 {
         let mut cmd = freshplan();
         db_env(&mut cmd, &name);
         let out = cmd.arg("migrate").output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(String::from_utf8_lossy(&out.stdout).contains("is migrated"));
     }
     let mut cmd = freshplan();
     db_env(&mut cmd, &name);
-    let out = cmd.args(["seed", "--demo", "--leads", "1200"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .args(["seed", "--demo", "--leads", "1200"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("1200 leads"));
     let mut cmd = freshplan();
     db_env(&mut cmd, &name);
-    let out = cmd.args(["seed", "--demo", "--leads", "1200"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("0 leads"), "seeding twice adds nothing");
+    let out = cmd
+        .args(["seed", "--demo", "--leads", "1200"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("0 leads"),
+        "seeding twice adds nothing"
+    );
 
     let db = TestDb { name };
     let mut conn = db.superuser().await;
@@ -67,19 +87,32 @@ async fn migrate_creates_roles_and_schema_and_is_idempotent_then_seed_loads_demo
     .await
     .unwrap();
     assert!(due_t3 > 10, "demo data has T+3 follow-ups due ({due_t3})");
-    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users").fetch_one(&mut conn).await.unwrap();
-    assert_eq!(users, 11);
-    let roles: (bool, bool) = sqlx::query_as("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = 'freshplan_app'")
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
         .fetch_one(&mut conn)
         .await
         .unwrap();
+    assert_eq!(users, 11);
+    let roles: (bool, bool) = sqlx::query_as(
+        "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = 'freshplan_app'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
     assert_eq!(roles, (false, false));
 }
 
 #[test]
 fn token_prints_a_verifiable_development_token() {
     let out = freshplan()
-        .args(["token", "--user", "sales-de-1", "--role", "SALES", "--territory", "de"])
+        .args([
+            "token",
+            "--user",
+            "sales-de-1",
+            "--role",
+            "SALES",
+            "--territory",
+            "de",
+        ])
         .env("FRESHPLAN_AUTH_JWT_SECRET", common::JWT_SECRET)
         .output()
         .unwrap();
@@ -88,22 +121,47 @@ fn token_prints_a_verifiable_development_token() {
     let settings = TestDb { name: "x".into() }.settings(&[]);
     let auth = freshplan::auth::jwt::Authenticator::from_settings(&settings.jwt, false).unwrap();
     let p = auth.verify(&token).unwrap();
-    assert_eq!((p.user_id.as_str(), p.role.as_str(), p.territory.code()), ("sales-de-1", "sales", "DE"));
-    let out = freshplan().args(["token", "--user", "x", "--role", "system", "--territory", "DE"]).output().unwrap();
+    assert_eq!(
+        (p.user_id.as_str(), p.role.as_str(), p.territory.code()),
+        ("sales-de-1", "sales", "DE")
+    );
+    let out = freshplan()
+        .args([
+            "token",
+            "--user",
+            "x",
+            "--role",
+            "system",
+            "--territory",
+            "DE",
+        ])
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "no tokens for the system principal");
 }
 
 #[test]
 fn serve_refuses_to_run_with_rls_disabled_or_a_misspelt_key_naming_the_key() {
-    let out = freshplan().args(["serve"]).env("FRESHPLAN_SECURITY_RLS_ENABLED", "false").output().unwrap();
+    let out = freshplan()
+        .args(["serve"])
+        .env("FRESHPLAN_SECURITY_RLS_ENABLED", "false")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("freshplan.security.rls.enabled") && err.contains("cannot be turned off"), "{err}");
+    assert!(
+        err.contains("freshplan.security.rls.enabled") && err.contains("cannot be turned off"),
+        "{err}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("freshplan.toml");
     std::fs::write(&file, "features.dashboard.lead-widget.enabeld = true\n").unwrap();
-    let out = freshplan().args(["serve", "--config"]).arg(&file).output().unwrap();
+    let out = freshplan()
+        .args(["serve", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("lead-widget.enabeld"));
 }
@@ -121,24 +179,45 @@ fn serve_refuses_a_superuser_database_url() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("superuser") || err.contains("schema is missing"), "{err}");
+    assert!(
+        err.contains("superuser") || err.contains("schema is missing"),
+        "{err}"
+    );
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test]
 async fn serve_demo_starts_a_private_cluster_when_nothing_answers_and_stops_it_on_shutdown() {
     let pg_port = free_port();
     let http_port = free_port();
-    let dir = std::env::temp_dir().join(format!("freshplan-embedded-{}", uuid::Uuid::new_v4().simple()));
+    let dir = std::env::temp_dir().join(format!(
+        "freshplan-embedded-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut child = freshplan()
-        .args(["serve", "--demo", "--bind", &format!("127.0.0.1:{http_port}")])
-        .env("FRESHPLAN_ADMIN_DATABASE_URL", format!("postgres://postgres@127.0.0.1:{pg_port}/postgres"))
-        .env("DATABASE_URL", format!("postgres://freshplan_app@127.0.0.1:{pg_port}/freshplan"))
+        .args([
+            "serve",
+            "--demo",
+            "--bind",
+            &format!("127.0.0.1:{http_port}"),
+        ])
+        .env(
+            "FRESHPLAN_ADMIN_DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:{pg_port}/postgres"),
+        )
+        .env(
+            "DATABASE_URL",
+            format!("postgres://freshplan_app@127.0.0.1:{pg_port}/freshplan"),
+        )
         .env("FRESHPLAN_DATA_DIR", &dir)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -155,14 +234,30 @@ async fn serve_demo_starts_a_private_cluster_when_nothing_answers_and_stops_it_o
         }
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
-            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
             panic!("serve --demo exited early ({status}): {err}");
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(up, "serve --demo came up on a private cluster");
     // The demo token (built-in development secret) works against it, with demo data.
-    let out = freshplan().args(["token", "--user", "manager-de", "--role", "manager", "--territory", "DE"]).output().unwrap();
+    let out = freshplan()
+        .args([
+            "token",
+            "--user",
+            "manager-de",
+            "--role",
+            "manager",
+            "--territory",
+            "DE",
+        ])
+        .output()
+        .unwrap();
     let token = String::from_utf8(out.stdout).unwrap();
     let page: Value = client
         .get(format!("{base}/api/leads?size=1"))
@@ -173,14 +268,31 @@ async fn serve_demo_starts_a_private_cluster_when_nothing_answers_and_stops_it_o
         .json()
         .await
         .unwrap();
-    assert!(page["total"].as_i64().unwrap() > 500, "demo leads of DE: {page}");
-    assert!(client.get(format!("{base}/login")).send().await.unwrap().text().await.unwrap().contains("sales-de-1"));
+    assert!(
+        page["total"].as_i64().unwrap() > 500,
+        "demo leads of DE: {page}"
+    );
+    assert!(client
+        .get(format!("{base}/login"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+        .contains("sales-de-1"));
 
     // SIGTERM: the service shuts down and stops its cluster.
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success());
-    assert!(std::net::TcpStream::connect(("127.0.0.1", pg_port)).is_err(), "private cluster stopped");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", pg_port)).is_err(),
+        "private cluster stopped"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -18,14 +18,17 @@ const SESSION_SECONDS: u64 = 8 * 3600;
 
 /// Routes, mounted only when the development login is on.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/login", get(page)).route("/api/dev/login", post(login))
+    Router::new()
+        .route("/login", get(page))
+        .route("/api/dev/login", post(login))
 }
 
 async fn users(state: &AppState) -> ApiResult<Vec<(String, String, String, String)>> {
     let mut tx = db::begin_as(&state.pool, &Principal::system()).await?;
-    let rows = sqlx::query_as("SELECT id, name, role, territory FROM users ORDER BY territory, role, id")
-        .fetch_all(&mut *tx)
-        .await?;
+    let rows =
+        sqlx::query_as("SELECT id, name, role, territory FROM users ORDER BY territory, role, id")
+            .fetch_all(&mut *tx)
+            .await?;
     tx.commit().await?;
     Ok(rows)
 }
@@ -52,7 +55,10 @@ struct LoginRequest {
     user_id: String,
 }
 
-async fn login(State(state): State<AppState>, AppJson(body): AppJson<LoginRequest>) -> ApiResult<Response> {
+async fn login(
+    State(state): State<AppState>,
+    AppJson(body): AppJson<LoginRequest>,
+) -> ApiResult<Response> {
     let user = users(&state)
         .await?
         .into_iter()
@@ -61,10 +67,18 @@ async fn login(State(state): State<AppState>, AppJson(body): AppJson<LoginReques
     let principal = Principal {
         user_id: user.0,
         name: user.1,
-        role: user.2.parse::<Role>().map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?,
-        territory: user.3.parse().map_err(|e: String| ApiError::Internal(anyhow::anyhow!(e)))?,
+        role: user
+            .2
+            .parse::<Role>()
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?,
+        territory: user
+            .3
+            .parse()
+            .map_err(|e: String| ApiError::Internal(anyhow::anyhow!(e)))?,
     };
     let token = state.auth.mint(&principal, SESSION_SECONDS)?;
-    let cookie = format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={SESSION_SECONDS}");
+    let cookie = format!(
+        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={SESSION_SECONDS}"
+    );
     Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response())
 }

@@ -60,19 +60,31 @@ impl Authenticator {
             None
         };
         if let Some(secret) = secret {
-            keys.push((None, DecodingKey::from_secret(secret.as_bytes()), Algorithm::HS256));
+            keys.push((
+                None,
+                DecodingKey::from_secret(secret.as_bytes()),
+                Algorithm::HS256,
+            ));
             signing = Some(EncodingKey::from_secret(secret.as_bytes()));
         }
         if let Some(path) = &s.public_key_file {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("freshplan.auth.jwt.public-key-file: cannot read {}", path.display()))?;
+            let pem = std::fs::read(path).with_context(|| {
+                format!(
+                    "freshplan.auth.jwt.public-key-file: cannot read {}",
+                    path.display()
+                )
+            })?;
             let key = DecodingKey::from_rsa_pem(&pem)
                 .context("freshplan.auth.jwt.public-key-file: not an RSA public key in PEM")?;
             keys.push((None, key, Algorithm::RS256));
         }
         if let Some(path) = &s.jwks_file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("freshplan.auth.jwt.jwks-file: cannot read {}", path.display()))?;
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!(
+                    "freshplan.auth.jwt.jwks-file: cannot read {}",
+                    path.display()
+                )
+            })?;
             let set: JwkSet = serde_json::from_str(&text)
                 .context("freshplan.auth.jwt.jwks-file: not a JWKS document")?;
             for jwk in &set.keys {
@@ -87,7 +99,11 @@ impl Authenticator {
                  freshplan.auth.jwt.public-key-file or freshplan.auth.jwt.jwks-file (RS256)"
             );
         }
-        Ok(Authenticator { keys, signing, issuer: s.issuer.clone() })
+        Ok(Authenticator {
+            keys,
+            signing,
+            issuer: s.issuer.clone(),
+        })
     }
 
     /// Verifies a token and turns it into a principal.
@@ -126,7 +142,11 @@ impl Authenticator {
             exp: jsonwebtoken::get_current_timestamp() + ttl_seconds,
             iss: self.issuer.clone(),
         };
-        Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key)?)
+        Ok(jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            key,
+        )?)
     }
 }
 
@@ -145,7 +165,12 @@ fn principal_from(c: Claims) -> anyhow::Result<Principal> {
         .ok_or_else(|| anyhow!("token has no territory claim"))?
         .parse()
         .map_err(|e: String| anyhow!(e))?;
-    Ok(Principal { name: c.name.unwrap_or_else(|| c.sub.clone()), user_id: c.sub, role, territory })
+    Ok(Principal {
+        name: c.name.unwrap_or_else(|| c.sub.clone()),
+        user_id: c.sub,
+        role,
+        territory,
+    })
 }
 
 #[cfg(test)]
@@ -153,7 +178,10 @@ mod tests {
     use super::*;
 
     fn auth() -> Authenticator {
-        let s = JwtSettings { secret: "x".repeat(32), ..Default::default() };
+        let s = JwtSettings {
+            secret: "x".repeat(32),
+            ..Default::default()
+        };
         Authenticator::from_settings(&s, false).unwrap()
     }
 
@@ -190,19 +218,26 @@ mod tests {
     fn tokens_with_a_wrong_key_no_role_or_expired_are_rejected() {
         let a = auth();
         let other = Authenticator::from_settings(
-            &JwtSettings { secret: "y".repeat(32), ..Default::default() },
+            &JwtSettings {
+                secret: "y".repeat(32),
+                ..Default::default()
+            },
             false,
         )
         .unwrap();
         let p = Principal::system();
-        let p = Principal { role: Role::Admin, ..p };
+        let p = Principal {
+            role: Role::Admin,
+            ..p
+        };
         assert!(a.verify(&other.mint(&p, 60).unwrap()).is_err());
         let no_role = serde_json::json!({"sub": "x", "territory": "DE", "roles": ["guest"],
             "exp": jsonwebtoken::get_current_timestamp() + 60});
         let key = EncodingKey::from_secret("x".repeat(32).as_bytes());
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &no_role, &key).unwrap();
         assert!(a.verify(&t).is_err());
-        let expired = serde_json::json!({"sub": "x", "territory": "DE", "roles": ["admin"], "exp": 1000});
+        let expired =
+            serde_json::json!({"sub": "x", "territory": "DE", "roles": ["admin"], "exp": 1000});
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &key).unwrap();
         assert!(a.verify(&t).is_err());
         assert!(Authenticator::from_settings(&JwtSettings::default(), false).is_err());

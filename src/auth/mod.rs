@@ -67,7 +67,9 @@ impl FromStr for Role {
             "manager" => Ok(Role::Manager),
             "admin" => Ok(Role::Admin),
             "system" => Ok(Role::System),
-            other => Err(format!("unknown role `{other}` (expected admin, manager, sales or viewer)")),
+            other => Err(format!(
+                "unknown role `{other}` (expected admin, manager, sales or viewer)"
+            )),
         }
     }
 }
@@ -102,7 +104,10 @@ impl Principal {
         if allowed.contains(&self.role) {
             Ok(())
         } else {
-            Err(ApiError::Forbidden(format!("role {} may not {action}", self.role)))
+            Err(ApiError::Forbidden(format!(
+                "role {} may not {action}",
+                self.role
+            )))
         }
     }
 }
@@ -114,7 +119,9 @@ fn bearer_or_cookie(parts: &Parts) -> Option<String> {
     if let Some(value) = parts.headers.get(axum::http::header::AUTHORIZATION) {
         let value = value.to_str().ok()?;
         let (scheme, token) = value.split_once(' ')?;
-        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_string());
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_string());
     }
     parts
         .headers
@@ -164,9 +171,16 @@ mod tests {
 
     #[test]
     fn effective_role_is_the_most_privileged_known_one_case_insensitively() {
-        assert_eq!(Role::effective(["SALES", "offline_access", "Manager"]), Some(Role::Manager));
+        assert_eq!(
+            Role::effective(["SALES", "offline_access", "Manager"]),
+            Some(Role::Manager)
+        );
         assert_eq!(Role::effective(["viewer"]), Some(Role::Viewer));
         assert_eq!(Role::effective(["uma_authorization"]), None);
-        assert_eq!(Role::effective(["system"]), None, "system never comes from a token");
+        assert_eq!(
+            Role::effective(["system"]),
+            None,
+            "system never comes from a token"
+        );
     }
 }

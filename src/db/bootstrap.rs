@@ -12,8 +12,11 @@ use sqlx::{Connection, Executor, PgConnection};
 use super::redact_url;
 
 /// Embedded migrations, applied in order; never edit one that has shipped.
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "schema", include_str!("../../migrations/0001_schema.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "schema",
+    include_str!("../../migrations/0001_schema.sql"),
+)];
 
 /// Role and database names taken from the runtime URL.
 #[derive(Debug, Clone)]
@@ -27,8 +30,13 @@ pub struct Target {
 fn identifier(kind: &str, name: &str) -> anyhow::Result<String> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if !ok {
         bail!("{kind} name `{name}` must be lower-case letters, digits and _ (at most 63)");
     }
@@ -50,7 +58,12 @@ impl Target {
         if app_role == owner_role {
             bail!("the application role `{app_role}` must differ from the owner role");
         }
-        Ok(Target { database, app_role, app_password, owner_role: owner_role.to_string() })
+        Ok(Target {
+            database,
+            app_role,
+            app_password,
+            owner_role: owner_role.to_string(),
+        })
     }
 }
 
@@ -76,11 +89,15 @@ pub async fn migrate(admin_url: &str, target: &Target) -> anyhow::Result<()> {
     };
     create_role(
         &mut conn,
-        &format!("CREATE ROLE {app} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE{password}"),
+        &format!(
+            "CREATE ROLE {app} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE{password}"
+        ),
     )
     .await?;
     // The administrator must be able to SET ROLE to the owner (a no-op for superusers).
-    conn.execute(format!("GRANT {owner} TO CURRENT_USER").as_str()).await.ok();
+    conn.execute(format!("GRANT {owner} TO CURRENT_USER").as_str())
+        .await
+        .ok();
 
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
@@ -88,7 +105,10 @@ pub async fn migrate(admin_url: &str, target: &Target) -> anyhow::Result<()> {
             .fetch_one(&mut conn)
             .await?;
     if !exists {
-        if let Err(e) = conn.execute(format!("CREATE DATABASE {db} OWNER {owner}").as_str()).await {
+        if let Err(e) = conn
+            .execute(format!("CREATE DATABASE {db} OWNER {owner}").as_str())
+            .await
+        {
             let dup = e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42P04");
             if !dup {
                 return Err(e).context("CREATE DATABASE failed");
@@ -122,14 +142,17 @@ async fn apply(conn: &mut PgConnection, app: &str, db: &str) -> anyhow::Result<(
          name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
     )
     .await?;
-    let applied: Vec<i32> =
-        sqlx::query_scalar("SELECT version FROM schema_migrations").fetch_all(&mut *conn).await?;
+    let applied: Vec<i32> = sqlx::query_scalar("SELECT version FROM schema_migrations")
+        .fetch_all(&mut *conn)
+        .await?;
     for (version, name, sql) in MIGRATIONS {
         if applied.contains(version) {
             continue;
         }
         let mut tx = conn.begin().await?;
-        tx.execute(*sql).await.with_context(|| format!("migration {version} ({name}) failed"))?;
+        tx.execute(*sql)
+            .await
+            .with_context(|| format!("migration {version} ({name}) failed"))?;
         sqlx::query("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)")
             .bind(version)
             .bind(name)
@@ -148,6 +171,8 @@ async fn apply(conn: &mut PgConnection, app: &str, db: &str) -> anyhow::Result<(
          GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {app};
          REVOKE CREATE ON SCHEMA public FROM PUBLIC;"
     );
-    conn.execute(grants.as_str()).await.context("granting privileges")?;
+    conn.execute(grants.as_str())
+        .await
+        .context("granting privileges")?;
     Ok(())
 }

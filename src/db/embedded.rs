@@ -21,7 +21,9 @@ pub struct EmbeddedCluster {
 
 /// True when something accepts TCP connections at the URL's host and port.
 pub async fn answers(url: &str) -> bool {
-    let Ok(opts) = PgConnectOptions::from_str(url) else { return false };
+    let Ok(opts) = PgConnectOptions::from_str(url) else {
+        return false;
+    };
     let addr = format!("{}:{}", opts.get_host(), opts.get_port());
     matches!(
         tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await,
@@ -32,7 +34,11 @@ pub async fn answers(url: &str) -> bool {
 /// Finds initdb/pg_ctl under /usr/lib/postgresql/*/bin (newest version first) or on PATH.
 pub fn find_server_bin() -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
         .unwrap_or_default();
     dirs.sort_by_key(|d| {
         std::cmp::Reverse(
@@ -46,7 +52,8 @@ pub fn find_server_bin() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("PATH") {
         dirs.extend(std::env::split_paths(&path));
     }
-    dirs.into_iter().find(|d| d.join("initdb").is_file() && d.join("pg_ctl").is_file())
+    dirs.into_iter()
+        .find(|d| d.join("initdb").is_file() && d.join("pg_ctl").is_file())
 }
 
 fn unprivileged_ids() -> Option<(u32, u32)> {
@@ -69,7 +76,10 @@ fn chown_all(path: &Path, ids: (u32, u32)) -> anyhow::Result<()> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
     // SAFETY: c is a valid NUL-terminated path.
     if unsafe { libc::chown(c.as_ptr(), ids.0, ids.1) } != 0 {
-        bail!("cannot hand {} to the unprivileged server user", path.display());
+        bail!(
+            "cannot hand {} to the unprivileged server user",
+            path.display()
+        );
     }
     if path.is_dir() {
         for entry in std::fs::read_dir(path)? {
@@ -99,7 +109,11 @@ impl EmbeddedCluster {
         let port = PgConnectOptions::from_str(admin_url)?.get_port();
         std::fs::create_dir_all(data)?;
         let data = data.canonicalize()?;
-        let cluster = EmbeddedCluster { bin, data: data.clone(), uid: unprivileged_ids() };
+        let cluster = EmbeddedCluster {
+            bin,
+            data: data.clone(),
+            uid: unprivileged_ids(),
+        };
         if let Some(ids) = cluster.uid {
             chown_all(&data, ids)?;
         }
@@ -108,7 +122,16 @@ impl EmbeddedCluster {
             tracing::info!(data = %data.display(), "initialising a private PostgreSQL cluster");
             let out = cluster
                 .command("initdb")
-                .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-instructions", "-D"])
+                .args([
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "-E",
+                    "UTF8",
+                    "--no-instructions",
+                    "-D",
+                ])
                 .arg(&data)
                 .output()
                 .context("running initdb")?;
@@ -124,7 +147,10 @@ impl EmbeddedCluster {
             .arg("-l")
             .arg(&log)
             .args(["-w", "-t", "60", "-o"])
-            .arg(format!("-p {port} -c listen_addresses=127.0.0.1 -k {}", data.display()))
+            .arg(format!(
+                "-p {port} -c listen_addresses=127.0.0.1 -k {}",
+                data.display()
+            ))
             .arg("start")
             .output()
             .context("running pg_ctl start")?;
@@ -142,7 +168,12 @@ impl EmbeddedCluster {
 
 impl Drop for EmbeddedCluster {
     fn drop(&mut self) {
-        let _ = self.command("pg_ctl").arg("-D").arg(&self.data).args(["-m", "fast", "-w", "stop"]).output();
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "fast", "-w", "stop"])
+            .output();
         tracing::info!("private PostgreSQL cluster stopped");
     }
 }

@@ -27,7 +27,12 @@ pub async fn connect(url: &str, size: u32, application_name: &str) -> anyhow::Re
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await
-        .with_context(|| format!("cannot connect to the runtime database ({})", redact_url(url)))
+        .with_context(|| {
+            format!(
+                "cannot connect to the runtime database ({})",
+                redact_url(url)
+            )
+        })
 }
 
 /// Begins a transaction and sets the RLS identity with `set_config(…, true)`, so it is
@@ -94,8 +99,9 @@ pub const RLS_TABLES: &[&str] = &[
 /// BYPASSRLS, one that owns (or is a member of the owner of) the tables, or tables without
 /// FORCE ROW LEVEL SECURITY. The error names the problem and the fix.
 pub async fn check_runtime_role(pool: &PgPool) -> anyhow::Result<RoleCheck> {
-    let exists: bool =
-        sqlx::query_scalar("SELECT to_regclass('public.leads') IS NOT NULL").fetch_one(pool).await?;
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('public.leads') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
     if !exists {
         bail!("the schema is missing: run `freshplan migrate` first");
     }

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::app::AppState;
-use crate::auth::{Principal, MaybePrincipal};
+use crate::auth::{MaybePrincipal, Principal};
 use crate::db::{self, Tx};
 use crate::error::{ApiError, ApiResult, AppJson};
 use crate::telemetry::metrics::Metrics;
@@ -36,7 +36,11 @@ pub struct Publisher {
 impl Publisher {
     /// A publisher; `allow_unauthenticated` is `freshplan.security.allow-unauthenticated-publisher`.
     pub fn new(allow_unauthenticated: bool, metrics: Arc<Metrics>) -> Self {
-        Publisher { allow_unauthenticated, metrics, committed: Arc::new(Notify::new()) }
+        Publisher {
+            allow_unauthenticated,
+            metrics,
+            committed: Arc::new(Notify::new()),
+        }
     }
 
     /// The principal a change publishes as. Without one the change is refused (401) and counted
@@ -47,7 +51,10 @@ impl Publisher {
             Some(p) => Ok(p),
             None if self.allow_unauthenticated => Ok(Principal::system()),
             None => {
-                self.metrics.events_published.with_label_values(&[event_type, MODULE, "unauthenticated"]).inc();
+                self.metrics
+                    .events_published
+                    .with_label_values(&[event_type, MODULE, "unauthenticated"])
+                    .inc();
                 Err(ApiError::Unauthenticated)
             }
         }
@@ -67,9 +74,18 @@ impl Publisher {
             return;
         }
         for ev in events {
-            let size = serde_json::to_vec(&ev.envelope()).map(|v| v.len()).unwrap_or(0);
-            let result = if size > envelope::MAX_FRAME_BYTES { "truncated" } else { "success" };
-            self.metrics.events_published.with_label_values(&[ev.event_type.as_str(), MODULE, result]).inc();
+            let size = serde_json::to_vec(&ev.envelope())
+                .map(|v| v.len())
+                .unwrap_or(0);
+            let result = if size > envelope::MAX_FRAME_BYTES {
+                "truncated"
+            } else {
+                "success"
+            };
+            self.metrics
+                .events_published
+                .with_label_values(&[ev.event_type.as_str(), MODULE, result])
+                .inc();
         }
         self.committed.notify_one();
     }
@@ -84,8 +100,14 @@ pub fn router() -> Router<AppState> {
 #[utoipa::path(get, path = "/api/events/{key}", tag = "events",
     params(("key" = Uuid, Path, description = "idempotency key of the event")),
     responses((status = 200, description = "CloudEvents 1.0 envelope"), (status = 404, description = "unknown or not in the caller's audience")))]
-pub async fn get_event(State(state): State<AppState>, caller: Principal, Path(key): Path<String>) -> ApiResult<AppJson<Value>> {
-    let key: Uuid = key.parse().map_err(|_| ApiError::field("idempotency key must be a UUID"))?;
+pub async fn get_event(
+    State(state): State<AppState>,
+    caller: Principal,
+    Path(key): Path<String>,
+) -> ApiResult<AppJson<Value>> {
+    let key: Uuid = key
+        .parse()
+        .map_err(|_| ApiError::field("idempotency key must be a UUID"))?;
     let mut tx = db::begin_as(&state.pool, &caller).await?;
     let env = outbox::fetch_by_key(&mut tx, key).await?;
     tx.commit().await?;
@@ -102,11 +124,13 @@ impl Background {
     /// Starts the background tasks of one instance.
     pub async fn start(state: &AppState) -> anyhow::Result<Self> {
         use crate::telemetry::health::ListenerState;
-        state.listener_health.set(if state.settings.features.cross_module_events {
-            ListenerState::Disconnected
-        } else {
-            ListenerState::Disabled
-        });
+        state
+            .listener_health
+            .set(if state.settings.features.cross_module_events {
+                ListenerState::Disconnected
+            } else {
+                ListenerState::Disabled
+            });
         Ok(Background { tasks: Vec::new() })
     }
 

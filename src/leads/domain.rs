@@ -72,12 +72,18 @@ impl ActivityType {
     /// Meaningful contacts count towards response rates (EMAIL_RECEIVED is a response too).
     pub fn is_meaningful(self) -> bool {
         use ActivityType::*;
-        matches!(self, QualifiedCall | Meeting | Demo | RoiPresentation | SampleSent | Email | Call | Order)
+        matches!(
+            self,
+            QualifiedCall | Meeting | Demo | RoiPresentation | SampleSent | Email | Call | Order
+        )
     }
 
     /// Types a user may log by hand; the others are written by the system.
     pub fn is_manual(self) -> bool {
-        !matches!(self, ActivityType::StatusChange | ActivityType::LeadAssigned | ActivityType::Created)
+        !matches!(
+            self,
+            ActivityType::StatusChange | ActivityType::LeadAssigned | ActivityType::Created
+        )
     }
 }
 
@@ -92,7 +98,10 @@ pub struct TransitionError {
 impl LeadStatus {
     /// Terminal statuses allow no further change.
     pub fn is_terminal(self) -> bool {
-        matches!(self, LeadStatus::Converted | LeadStatus::Lost | LeadStatus::Deleted)
+        matches!(
+            self,
+            LeadStatus::Converted | LeadStatus::Lost | LeadStatus::Deleted
+        )
     }
 
     /// The table of DESIGN.md, without the role and clock rules.
@@ -118,7 +127,13 @@ impl LeadStatus {
         role: Role,
         clock_stopped: bool,
     ) -> Result<LeadStatus, TransitionError> {
-        let err = |reason| Err(TransitionError { from: self, to, reason });
+        let err = |reason| {
+            Err(TransitionError {
+                from: self,
+                to,
+                reason,
+            })
+        };
         if self == LeadStatus::Deleted {
             return err("the lead is deleted");
         }
@@ -131,7 +146,9 @@ impl LeadStatus {
         if !self.allowed_targets().contains(&to) {
             return err("not allowed by the lead status machine");
         }
-        if self == LeadStatus::Expired && !matches!(role, Role::Manager | Role::Admin | Role::System) {
+        if self == LeadStatus::Expired
+            && !matches!(role, Role::Manager | Role::Admin | Role::System)
+        {
             return err("only a manager or admin may reactivate an expired lead");
         }
         Ok(to)
@@ -149,7 +166,10 @@ mod tests {
         assert_eq!(LeadSource::WebFormular.as_str(), "WEB_FORMULAR");
         assert_eq!(ActivityType::RoiPresentation.as_str(), "ROI_PRESENTATION");
         assert_eq!(LeadStatus::parse("QUALIFIED"), Some(LeadStatus::Qualified));
-        assert_eq!(serde_json::to_string(&LeadStatus::GracePeriod).unwrap(), "\"GRACE_PERIOD\"");
+        assert_eq!(
+            serde_json::to_string(&LeadStatus::GracePeriod).unwrap(),
+            "\"GRACE_PERIOD\""
+        );
     }
 
     /// The transition table of DESIGN.md, written out independently of `allowed_targets`.
@@ -165,22 +185,38 @@ mod tests {
             return false;
         }
         let table: &[(LeadStatus, LeadStatus)] = &[
-            (Registered, Active), (Registered, Qualified), (Registered, Expired),
-            (Active, Qualified), (Active, Reminder), (Active, Expired),
-            (Reminder, Active), (Reminder, GracePeriod), (Reminder, Qualified), (Reminder, Expired),
-            (GracePeriod, Active), (GracePeriod, Qualified), (GracePeriod, Expired),
-            (Qualified, Converted), (Qualified, Lost),
+            (Registered, Active),
+            (Registered, Qualified),
+            (Registered, Expired),
+            (Active, Qualified),
+            (Active, Reminder),
+            (Active, Expired),
+            (Reminder, Active),
+            (Reminder, GracePeriod),
+            (Reminder, Qualified),
+            (Reminder, Expired),
+            (GracePeriod, Active),
+            (GracePeriod, Qualified),
+            (GracePeriod, Expired),
+            (Qualified, Converted),
+            (Qualified, Lost),
             (Expired, Active),
         ];
-        table.contains(&(from, to))
-            && !(from == Expired && !matches!(role, Role::Manager | Role::Admin | Role::System))
+        let may_reactivate = matches!(role, Role::Manager | Role::Admin | Role::System);
+        table.contains(&(from, to)) && (from != Expired || may_reactivate)
     }
 
     fn status() -> impl Strategy<Value = LeadStatus> {
         proptest::sample::select(LeadStatus::ALL.to_vec())
     }
     fn role() -> impl Strategy<Value = Role> {
-        proptest::sample::select(vec![Role::Viewer, Role::Sales, Role::Manager, Role::Admin, Role::System])
+        proptest::sample::select(vec![
+            Role::Viewer,
+            Role::Sales,
+            Role::Manager,
+            Role::Admin,
+            Role::System,
+        ])
     }
 
     proptest! {
@@ -198,15 +234,25 @@ mod tests {
                 for role in [Role::Sales, Role::Manager] {
                     for stopped in [false, true] {
                         let ok = from.transition(to, role, stopped).is_ok();
-                        assert_eq!(ok, expected(from, to, role, stopped), "{from}->{to} {role} {stopped}");
+                        assert_eq!(
+                            ok,
+                            expected(from, to, role, stopped),
+                            "{from}->{to} {role} {stopped}"
+                        );
                         allowed += ok as usize;
                     }
                 }
             }
         }
         assert!(allowed > 0);
-        assert!(LeadStatus::Converted.transition(LeadStatus::Active, Role::Admin, false).is_err());
-        assert!(LeadStatus::Expired.transition(LeadStatus::Active, Role::Sales, false).is_err());
-        assert!(LeadStatus::Expired.transition(LeadStatus::Active, Role::Manager, false).is_ok());
+        assert!(LeadStatus::Converted
+            .transition(LeadStatus::Active, Role::Admin, false)
+            .is_err());
+        assert!(LeadStatus::Expired
+            .transition(LeadStatus::Active, Role::Sales, false)
+            .is_err());
+        assert!(LeadStatus::Expired
+            .transition(LeadStatus::Active, Role::Manager, false)
+            .is_ok());
     }
 }

@@ -41,9 +41,9 @@ fn no_viewer(p: &Principal, action: &str) -> ApiResult<()> {
 fn text(field: &str, value: Option<String>, max: usize) -> ApiResult<Option<String>> {
     match value.map(|v| v.trim().to_string()) {
         Some(v) if v.is_empty() => Ok(None),
-        Some(v) if v.chars().count() > max => {
-            Err(ApiError::field(format!("{field} must be at most {max} characters")))
-        }
+        Some(v) if v.chars().count() > max => Err(ApiError::field(format!(
+            "{field} must be at most {max} characters"
+        ))),
         other => Ok(other),
     }
 }
@@ -79,7 +79,9 @@ fn seal_contact(
     let any = contact_person.is_some() || email.is_some() || phone.is_some();
     Ok(SealedContact {
         contact_person: contact_person.map(|v| vault.seal(lead, PiiField::ContactPerson, &v)),
-        email_hash: email.as_deref().map(|e| vault.lookup_hash(PiiField::Email, e)),
+        email_hash: email
+            .as_deref()
+            .map(|e| vault.lookup_hash(PiiField::Email, e)),
         email: email.map(|v| vault.seal(lead, PiiField::Email, &v)),
         phone_hash: phone_norm.map(|p| vault.lookup_hash(PiiField::Phone, &p)),
         phone: phone.map(|v| vault.seal(lead, PiiField::Phone, &v)),
@@ -105,7 +107,14 @@ async fn validate_users(tx: &mut Tx, ids: &[String], territory: Territory) -> Ap
     Ok(())
 }
 
-async fn audit(tx: &mut Tx, p: &Principal, action: &str, lead: Uuid, territory: Territory, details: serde_json::Value) -> ApiResult<()> {
+async fn audit(
+    tx: &mut Tx,
+    p: &Principal,
+    action: &str,
+    lead: Uuid,
+    territory: Territory,
+    details: serde_json::Value,
+) -> ApiResult<()> {
     sqlx::query(
         "INSERT INTO audit_log (actor_user_id, actor_role, action, entity_type, entity_id, territory, details) \
          VALUES ($1, $2, $3, 'lead', $4, $5, $6)",
@@ -150,10 +159,19 @@ async fn insert_activity(
 }
 
 fn audience(row_territory: Territory, owner: &str, collaborators: &[String]) -> Audience {
-    Audience { territory: row_territory, owner: Some(owner.to_string()), collaborators: collaborators.to_vec() }
+    Audience {
+        territory: row_territory,
+        owner: Some(owner.to_string()),
+        collaborators: collaborators.to_vec(),
+    }
 }
 
-async fn find_duplicate(state: &AppState, caller: &Principal, territory: Territory, hash: &[u8]) -> ApiResult<Option<Uuid>> {
+async fn find_duplicate(
+    state: &AppState,
+    caller: &Principal,
+    territory: Territory,
+    hash: &[u8],
+) -> ApiResult<Option<Uuid>> {
     let mut tx = db::begin_as(&state.pool, caller).await?;
     let id = sqlx::query_scalar(
         "SELECT id FROM leads WHERE territory = $1 AND email_hash = $2 AND status <> 'DELETED'",
@@ -167,7 +185,8 @@ async fn find_duplicate(state: &AppState, caller: &Principal, territory: Territo
 }
 
 fn is_unique_violation(e: &sqlx::Error, constraint: &str) -> bool {
-    e.as_database_error().is_some_and(|d| d.code().as_deref() == Some("23505") && d.constraint() == Some(constraint))
+    e.as_database_error()
+        .is_some_and(|d| d.code().as_deref() == Some("23505") && d.constraint() == Some(constraint))
 }
 
 /// Creates a lead; the creator becomes its owner.
@@ -178,11 +197,15 @@ pub async fn create_lead(
     caller: MaybePrincipal,
     AppJson(body): AppJson<CreateLead>,
 ) -> ApiResult<Response> {
-    let caller = state.publisher.authorize(caller, EventType::LeadCreated.as_str())?;
+    let caller = state
+        .publisher
+        .authorize(caller, EventType::LeadCreated.as_str())?;
     no_viewer(&caller, "create leads")?;
     let territory = match body.territory {
         Some(t) if t != caller.territory && caller.role == Role::Sales => {
-            return Err(ApiError::Forbidden("sales users create leads in their own territory only".into()));
+            return Err(ApiError::Forbidden(
+                "sales users create leads in their own territory only".into(),
+            ));
         }
         Some(t) => t,
         None => caller.territory,
@@ -193,7 +216,14 @@ pub async fn create_lead(
     let id = Uuid::now_v7();
     let now = envelope::micros(Utc::now());
     let masked_email = body.email.clone().map(Masked);
-    let sealed = seal_contact(&state.vault, id, territory, body.contact_person, body.email, body.phone)?;
+    let sealed = seal_contact(
+        &state.vault,
+        id,
+        territory,
+        body.contact_person,
+        body.email,
+        body.phone,
+    )?;
     let mut collaborators = body.collaborators;
     collaborators.sort();
     collaborators.dedup();
@@ -235,7 +265,15 @@ pub async fn create_lead(
         return Err(e.into());
     }
     insert_activity(&mut tx, &caller, id, ActivityType::Created, None, None, now).await?;
-    audit(&mut tx, &caller, "LEAD_CREATED", id, territory, json!({"fields": ["companyName", "businessType", "source"]})).await?;
+    audit(
+        &mut tx,
+        &caller,
+        "LEAD_CREATED",
+        id,
+        territory,
+        json!({"fields": ["companyName", "businessType", "source"]}),
+    )
+    .await?;
     let event = NewEvent::new(
         EventType::LeadCreated,
         Some(id),
@@ -249,7 +287,9 @@ pub async fn create_lead(
     );
     let events = [event];
     state.publisher.append(&mut tx, &events).await?;
-    let row = fetch_row(&mut tx, id).await?.ok_or(ApiError::NotFound("lead"))?;
+    let row = fetch_row(&mut tx, id)
+        .await?
+        .ok_or(ApiError::NotFound("lead"))?;
     tx.commit().await?;
     state.publisher.committed(&events);
     tracing::info!(lead_id = %id, territory = %territory, owner = %caller.user_id, contact_email = ?masked_email, "lead created");
@@ -307,19 +347,35 @@ pub async fn list_leads(
     let page = q.page.unwrap_or(0);
     let size = q.size.unwrap_or(20);
     if page < 0 || !(1..=500).contains(&size) {
-        return Err(ApiError::field("page must be ≥ 0 and size between 1 and 500"));
+        return Err(ApiError::field(
+            "page must be ≥ 0 and size between 1 and 500",
+        ));
     }
     let status = q
         .status
         .as_deref()
-        .map(|s| LeadStatus::parse(&s.to_ascii_uppercase()).ok_or_else(|| ApiError::field(format!("unknown status `{s}`"))))
+        .map(|s| {
+            LeadStatus::parse(&s.to_ascii_uppercase())
+                .ok_or_else(|| ApiError::field(format!("unknown status `{s}`")))
+        })
         .transpose()?;
     let email_hash = q
         .email
         .as_deref()
-        .map(|e| pii::normalize_email(e).map(|n| state.vault.lookup_hash(PiiField::Email, &n)).map_err(ApiError::field))
+        .map(|e| {
+            pii::normalize_email(e)
+                .map(|n| state.vault.lookup_hash(PiiField::Email, &n))
+                .map_err(ApiError::field)
+        })
         .transpose()?;
-    let pattern = q.q.as_deref().map(|s| format!("%{}%", s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
+    let pattern = q.q.as_deref().map(|s| {
+        format!(
+            "%{}%",
+            s.replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        )
+    });
 
     let mut tx = db::begin_as(&state.pool, &caller).await?;
     let rows: Vec<(i64, LeadRow)> = sqlx::query_as::<_, LeadRow>(&format!(
@@ -372,17 +428,28 @@ pub async fn list_leads(
         .map(|(_, r)| r.into_lead(&state.vault))
         .collect::<Result<Vec<_>, _>>()
         .map_err(pii_error)?;
-    Ok(AppJson(LeadPage { items, page, size, total }))
+    Ok(AppJson(LeadPage {
+        items,
+        page,
+        size,
+        total,
+    }))
 }
 
 /// One lead; 404 when it is outside the caller's view.
 #[utoipa::path(get, path = "/api/leads/{id}", tag = "leads", params(("id" = Uuid, Path)),
     responses((status = 200, body = Lead), (status = 404)))]
-pub async fn get_lead(State(state): State<AppState>, caller: Principal, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn get_lead(
+    State(state): State<AppState>,
+    caller: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     no_viewer(&caller, "read lead details (viewers see aggregates only)")?;
     let id = uuid_path(&id)?;
     let mut tx = db::begin_as(&state.pool, &caller).await?;
-    let row = fetch_row(&mut tx, id).await?.ok_or(ApiError::NotFound("lead"))?;
+    let row = fetch_row(&mut tx, id)
+        .await?
+        .ok_or(ApiError::NotFound("lead"))?;
     tx.commit().await?;
     let version = row.version;
     let lead = row.into_lead(&state.vault).map_err(pii_error)?;
@@ -390,8 +457,12 @@ pub async fn get_lead(State(state): State<AppState>, caller: Principal, Path(id)
 }
 
 fn if_match(headers: &HeaderMap) -> ApiResult<i64> {
-    let raw = headers.get(header::IF_MATCH).ok_or(ApiError::PreconditionRequired)?;
-    let raw = raw.to_str().map_err(|_| ApiError::field("If-Match must be the lead's ETag, e.g. \"3\""))?;
+    let raw = headers
+        .get(header::IF_MATCH)
+        .ok_or(ApiError::PreconditionRequired)?;
+    let raw = raw
+        .to_str()
+        .map_err(|_| ApiError::field("If-Match must be the lead's ETag, e.g. \"3\""))?;
     raw.trim()
         .trim_start_matches("W/")
         .trim_matches('"')
@@ -410,24 +481,34 @@ pub async fn patch_lead(
     headers: HeaderMap,
     AppJson(body): AppJson<PatchLead>,
 ) -> ApiResult<Response> {
-    let caller = state.publisher.authorize(caller, EventType::LeadStatusChanged.as_str())?;
+    let caller = state
+        .publisher
+        .authorize(caller, EventType::LeadStatusChanged.as_str())?;
     no_viewer(&caller, "change leads")?;
     let id = uuid_path(&id)?;
     let expected = if_match(&headers)?;
 
     let mut tx = db::begin_as(&state.pool, &caller).await?;
     let sql = format!("SELECT {LEAD_COLUMNS} FROM leads WHERE id = $1 FOR UPDATE");
-    let row: LeadRow = sqlx::query_as(&sql).bind(id).fetch_optional(&mut *tx).await?.ok_or(ApiError::NotFound("lead"))?;
+    let row: LeadRow = sqlx::query_as(&sql)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(ApiError::NotFound("lead"))?;
     let territory = row.territory();
     let is_owner = row.owner_user_id == caller.user_id;
     let may_edit = is_owner
         || caller.is_global()
         || (caller.role == Role::Manager && caller.territory == territory);
     if !may_edit {
-        return Err(ApiError::Forbidden("only the owner, a manager of the territory or an admin may change this lead".into()));
+        return Err(ApiError::Forbidden(
+            "only the owner, a manager of the territory or an admin may change this lead".into(),
+        ));
     }
     if row.version != expected {
-        return Err(ApiError::StaleVersion { current: row.version });
+        return Err(ApiError::StaleVersion {
+            current: row.version,
+        });
     }
     let now = envelope::micros(Utc::now());
     let mut events = Vec::new();
@@ -438,14 +519,26 @@ pub async fn patch_lead(
     if let Some(to) = body.status.filter(|s| *s != old_status) {
         status = old_status
             .transition(to, caller.role, row.clock_stopped && clock_stopped)
-            .map_err(|e| ApiError::InvalidTransition { from: e.from.to_string(), to: e.to.to_string(), reason: e.reason.into() })?;
+            .map_err(|e| ApiError::InvalidTransition {
+                from: e.from.to_string(),
+                to: e.to.to_string(),
+                reason: e.reason.into(),
+            })?;
         changed.push("status");
     }
     if old_status == LeadStatus::Deleted && status == LeadStatus::Deleted {
-        return Err(ApiError::InvalidTransition { from: "DELETED".into(), to: "DELETED".into(), reason: "the lead is deleted".into() });
+        return Err(ApiError::InvalidTransition {
+            from: "DELETED".into(),
+            to: "DELETED".into(),
+            reason: "the lead is deleted".into(),
+        });
     }
     let mut owner = row.owner_user_id.clone();
-    if let Some(new_owner) = body.owner_user_id.as_ref().filter(|o| **o != row.owner_user_id) {
+    if let Some(new_owner) = body
+        .owner_user_id
+        .as_ref()
+        .filter(|o| **o != row.owner_user_id)
+    {
         validate_users(&mut tx, std::slice::from_ref(new_owner), territory).await?;
         owner = new_owner.clone();
         changed.push("ownerUserId");
@@ -462,18 +555,39 @@ pub async fn patch_lead(
         }
     }
     // Contact fields: any change re-seals all three under the active key.
-    let contact_changed = body.contact_person.is_some() || body.email.is_some() || body.phone.is_some();
+    let contact_changed =
+        body.contact_person.is_some() || body.email.is_some() || body.phone.is_some();
     let sealed = if contact_changed {
         let current = |f| row.open(&state.vault, f).map_err(pii_error);
-        let contact = match body.contact_person.clone() { Some(v) => v, None => current(PiiField::ContactPerson)? };
-        let email = match body.email.clone() { Some(v) => v, None => current(PiiField::Email)? };
-        let phone = match body.phone.clone() { Some(v) => v, None => current(PiiField::Phone)? };
-        for (name, v) in [("contactPerson", &body.contact_person), ("email", &body.email), ("phone", &body.phone)] {
+        let contact = match body.contact_person.clone() {
+            Some(v) => v,
+            None => current(PiiField::ContactPerson)?,
+        };
+        let email = match body.email.clone() {
+            Some(v) => v,
+            None => current(PiiField::Email)?,
+        };
+        let phone = match body.phone.clone() {
+            Some(v) => v,
+            None => current(PiiField::Phone)?,
+        };
+        for (name, v) in [
+            ("contactPerson", &body.contact_person),
+            ("email", &body.email),
+            ("phone", &body.phone),
+        ] {
             if v.is_some() {
                 changed.push(name);
             }
         }
-        Some(seal_contact(&state.vault, id, territory, contact, email, phone)?)
+        Some(seal_contact(
+            &state.vault,
+            id,
+            territory,
+            contact,
+            email,
+            phone,
+        )?)
     } else {
         None
     };
@@ -528,7 +642,10 @@ pub async fn patch_lead(
     if let Err(e) = update {
         if is_unique_violation(&e, "leads_email_unique") {
             drop(tx);
-            let hash = sealed.as_ref().and_then(|s| s.email_hash.clone()).unwrap_or_default();
+            let hash = sealed
+                .as_ref()
+                .and_then(|s| s.email_hash.clone())
+                .unwrap_or_default();
             let existing = find_duplicate(&state, &caller, territory, &hash).await?;
             return Err(ApiError::DuplicateContact { existing });
         }
@@ -538,7 +655,16 @@ pub async fn patch_lead(
     let mut event_collaborators = collaborators.clone();
     if owner != row.owner_user_id {
         event_collaborators.push(row.owner_user_id.clone());
-        insert_activity(&mut tx, &caller, id, ActivityType::LeadAssigned, Some(&format!("{} → {}", row.owner_user_id, owner)), None, now).await?;
+        insert_activity(
+            &mut tx,
+            &caller,
+            id,
+            ActivityType::LeadAssigned,
+            Some(&format!("{} → {}", row.owner_user_id, owner)),
+            None,
+            now,
+        )
+        .await?;
         events.push(NewEvent::new(
             EventType::LeadAssigned,
             Some(id),
@@ -552,7 +678,16 @@ pub async fn patch_lead(
         ));
     }
     if status != old_status {
-        insert_activity(&mut tx, &caller, id, ActivityType::StatusChange, Some(&format!("{old_status} → {status}")), reason.as_deref(), now).await?;
+        insert_activity(
+            &mut tx,
+            &caller,
+            id,
+            ActivityType::StatusChange,
+            Some(&format!("{old_status} → {status}")),
+            reason.as_deref(),
+            now,
+        )
+        .await?;
         events.push(NewEvent::new(
             EventType::LeadStatusChanged,
             Some(id),
@@ -572,7 +707,11 @@ pub async fn patch_lead(
     if owner != row.owner_user_id {
         details["owner"] = json!({"from": row.owner_user_id, "to": owner});
     }
-    let action = if status == LeadStatus::Deleted { "LEAD_DELETED" } else { "LEAD_UPDATED" };
+    let action = if status == LeadStatus::Deleted {
+        "LEAD_DELETED"
+    } else {
+        "LEAD_UPDATED"
+    };
     audit(&mut tx, &caller, action, id, territory, details).await?;
     state.publisher.append(&mut tx, &events).await?;
     let updated = fetch_row(&mut tx, id).await?;
@@ -599,11 +738,16 @@ pub async fn add_activity(
     Path(id): Path<String>,
     AppJson(body): AppJson<NewActivity>,
 ) -> ApiResult<Response> {
-    let caller = state.publisher.authorize(caller, EventType::ActivityLogged.as_str())?;
+    let caller = state
+        .publisher
+        .authorize(caller, EventType::ActivityLogged.as_str())?;
     no_viewer(&caller, "log activities")?;
     let id = uuid_path(&id)?;
     if !body.activity_type.is_manual() {
-        return Err(ApiError::field(format!("activity type {} is written by the system", body.activity_type)));
+        return Err(ApiError::field(format!(
+            "activity type {} is written by the system",
+            body.activity_type
+        )));
     }
     let description = text("description", body.description, 4000)?;
     let outcome = text("outcome", body.outcome, 64)?;
@@ -626,9 +770,28 @@ pub async fn add_activity(
     if status == "DELETED" {
         return Err(ApiError::NotFound("lead"));
     }
-    let territory: Territory = territory.parse().map_err(|e: String| ApiError::Internal(anyhow::anyhow!(e)))?;
-    let activity_id = insert_activity(&mut tx, &caller, id, body.activity_type, description.as_deref(), outcome.as_deref(), occurred_at).await?;
-    audit(&mut tx, &caller, "ACTIVITY_LOGGED", id, territory, json!({"activityType": body.activity_type})).await?;
+    let territory: Territory = territory
+        .parse()
+        .map_err(|e: String| ApiError::Internal(anyhow::anyhow!(e)))?;
+    let activity_id = insert_activity(
+        &mut tx,
+        &caller,
+        id,
+        body.activity_type,
+        description.as_deref(),
+        outcome.as_deref(),
+        occurred_at,
+    )
+    .await?;
+    audit(
+        &mut tx,
+        &caller,
+        "ACTIVITY_LOGGED",
+        id,
+        territory,
+        json!({"activityType": body.activity_type}),
+    )
+    .await?;
     let events = [NewEvent::new(
         EventType::ActivityLogged,
         Some(id),
@@ -660,7 +823,11 @@ pub async fn add_activity(
 /// The activities of a lead the caller can see, newest first.
 #[utoipa::path(get, path = "/api/leads/{id}/activities", tag = "leads", params(("id" = Uuid, Path)),
     responses((status = 200, body = [Activity]), (status = 404)))]
-pub async fn list_activities(State(state): State<AppState>, caller: Principal, Path(id): Path<String>) -> ApiResult<AppJson<Vec<Activity>>> {
+pub async fn list_activities(
+    State(state): State<AppState>,
+    caller: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<AppJson<Vec<Activity>>> {
     no_viewer(&caller, "read lead activities")?;
     let id = uuid_path(&id)?;
     let mut tx = db::begin_as(&state.pool, &caller).await?;

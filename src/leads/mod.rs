@@ -13,6 +13,12 @@ use crate::app::AppState;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/leads", get(http::list_leads).post(http::create_lead))
-        .route("/api/leads/{id}", get(http::get_lead).patch(http::patch_lead))
-        .route("/api/leads/{id}/activities", get(http::list_activities).post(http::add_activity))
+        .route(
+            "/api/leads/{id}",
+            get(http::get_lead).patch(http::patch_lead),
+        )
+        .route(
+            "/api/leads/{id}/activities",
+            get(http::list_activities).post(http::add_activity),
+        )
 }

@@ -37,7 +37,8 @@ pub struct LeadRow {
 }
 
 /// The select list matching [`LeadRow`].
-pub const LEAD_COLUMNS: &str = "id, company_name, contact_person_ct, email_ct, phone_ct, pii_key_id, \
+pub const LEAD_COLUMNS: &str =
+    "id, company_name, contact_person_ct, email_ct, phone_ct, pii_key_id, \
     city, territory, business_type, source, owner_user_id, collaborators, status, email_consent, \
     contact_blocked, clock_stopped, registered_at, last_activity_at, t3_sent_at, t7_sent_at, \
     version, created_at, updated_at";
@@ -62,7 +63,10 @@ impl LeadRow {
         };
         match (blob, &self.pii_key_id) {
             (Some(b), Some(k)) => vault.open(self.id, field, k, b).map(Some),
-            (Some(_), None) => Err(PiiError::UnknownKey { lead: self.id, key_id: String::new() }),
+            (Some(_), None) => Err(PiiError::UnknownKey {
+                lead: self.id,
+                key_id: String::new(),
+            }),
             _ => Ok(None),
         }
     }
@@ -80,7 +84,8 @@ impl LeadRow {
             phone,
             city: self.city,
             territory: self.territory.parse().unwrap_or(Territory::DE),
-            business_type: BusinessType::parse(&self.business_type).unwrap_or(BusinessType::Sonstiges),
+            business_type: BusinessType::parse(&self.business_type)
+                .unwrap_or(BusinessType::Sonstiges),
             source: LeadSource::parse(&self.source).unwrap_or(LeadSource::Sonstiges),
             status: LeadStatus::parse(&self.status).unwrap_or(LeadStatus::Deleted),
             owner_user_id: self.owner_user_id,
@@ -171,7 +176,9 @@ pub struct PatchLead {
 mod double_option {
     use serde::{Deserialize, Deserializer};
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<String>>, D::Error> {
         Option::<String>::deserialize(d).map(Some)
     }
 }

@@ -46,9 +46,13 @@ impl PiiField {
 /// A value that failed to decrypt: wrong row, tampered, or encrypted under an unknown key.
 #[derive(Debug, thiserror::Error)]
 pub enum PiiError {
-    #[error("contact data of lead {lead} is encrypted under key `{key_id}`, which is not configured")]
+    #[error(
+        "contact data of lead {lead} is encrypted under key `{key_id}`, which is not configured"
+    )]
     UnknownKey { lead: Uuid, key_id: String },
-    #[error("contact data of lead {lead} failed authentication (tampered or copied from another row)")]
+    #[error(
+        "contact data of lead {lead} failed authentication (tampered or copied from another row)"
+    )]
     Tampered { lead: Uuid },
 }
 
@@ -61,14 +65,22 @@ pub struct Vault {
 
 impl fmt::Debug for Vault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Vault").field("active", &self.active).field("keys", &self.keys.len()).finish()
+        f.debug_struct("Vault")
+            .field("active", &self.active)
+            .field("keys", &self.keys.len())
+            .finish()
     }
 }
 
 fn decode_key(what: &str, b64: &str) -> anyhow::Result<Vec<u8>> {
-    let bytes = B64.decode(b64.trim()).with_context(|| format!("{what}: not base64"))?;
+    let bytes = B64
+        .decode(b64.trim())
+        .with_context(|| format!("{what}: not base64"))?;
     if bytes.len() != 32 {
-        bail!("{what}: must be 32 bytes (base64 of 32 random bytes), got {}", bytes.len());
+        bail!(
+            "{what}: must be 32 bytes (base64 of 32 random bytes), got {}",
+            bytes.len()
+        );
     }
     Ok(bytes)
 }
@@ -85,13 +97,18 @@ struct KeyFile {
 
 impl Vault {
     /// Builds a vault from explicit keys (id, 32 bytes); the last is the active one.
-    pub fn new(keys: Vec<(String, Vec<u8>)>, active: &str, lookup: Vec<u8>) -> anyhow::Result<Self> {
+    pub fn new(
+        keys: Vec<(String, Vec<u8>)>,
+        active: &str,
+        lookup: Vec<u8>,
+    ) -> anyhow::Result<Self> {
         let mut map = HashMap::new();
         for (id, key) in keys {
             if id.is_empty() || id.len() > 32 {
                 bail!("PII key id `{id}` must be 1 to 32 characters");
             }
-            let cipher = Aes256Gcm::new_from_slice(&key).map_err(|_| anyhow!("PII key `{id}` must be 32 bytes"))?;
+            let cipher = Aes256Gcm::new_from_slice(&key)
+                .map_err(|_| anyhow!("PII key `{id}` must be 32 bytes"))?;
             map.insert(id, cipher);
         }
         if !map.contains_key(active) {
@@ -100,7 +117,11 @@ impl Vault {
         if lookup.len() != 32 {
             bail!("freshplan.pii.lookup-key must be 32 bytes");
         }
-        Ok(Vault { keys: map, active: active.to_string(), lookup })
+        Ok(Vault {
+            keys: map,
+            active: active.to_string(),
+            lookup,
+        })
     }
 
     /// Loads keys from `freshplan.pii.key-file` or `freshplan.pii.keys` + `lookup-key`.
@@ -114,10 +135,13 @@ impl Vault {
         }
         let mut keys = Vec::new();
         for part in s.keys.split(',').filter(|p| !p.trim().is_empty()) {
-            let (id, b64) = part
-                .split_once(':')
-                .ok_or_else(|| anyhow!("freshplan.pii.keys: expected id:base64, got an entry without `:`"))?;
-            keys.push((id.trim().to_string(), decode_key("freshplan.pii.keys", b64)?));
+            let (id, b64) = part.split_once(':').ok_or_else(|| {
+                anyhow!("freshplan.pii.keys: expected id:base64, got an entry without `:`")
+            })?;
+            keys.push((
+                id.trim().to_string(),
+                decode_key("freshplan.pii.keys", b64)?,
+            ));
         }
         let active = keys.last().map(|(id, _)| id.clone()).unwrap_or_default();
         if s.lookup_key.is_empty() {
@@ -137,7 +161,11 @@ impl Vault {
         for (id, b64) in &file.keys {
             keys.push((id.clone(), decode_key(&format!("key `{id}`"), b64)?));
         }
-        Self::new(keys, &file.active, decode_key("lookup-key", &file.lookup_key)?)
+        Self::new(
+            keys,
+            &file.active,
+            decode_key("lookup-key", &file.lookup_key)?,
+        )
     }
 
     /// Writes a fresh development key file (for `--demo`) unless one exists, and loads it.
@@ -164,7 +192,13 @@ impl Vault {
         rand::thread_rng().fill_bytes(&mut nonce);
         let aad = aad(lead, field);
         let ct = cipher
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plain.as_bytes(), aad: &aad })
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plain.as_bytes(),
+                    aad: &aad,
+                },
+            )
             .expect("AES-GCM encryption of an in-memory buffer cannot fail");
         let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
         out.extend_from_slice(&nonce);
@@ -173,11 +207,17 @@ impl Vault {
     }
 
     /// Decrypts a value sealed for this lead and field under `key_id`.
-    pub fn open(&self, lead: Uuid, field: PiiField, key_id: &str, blob: &[u8]) -> Result<String, PiiError> {
-        let cipher = self
-            .keys
-            .get(key_id)
-            .ok_or_else(|| PiiError::UnknownKey { lead, key_id: key_id.to_string() })?;
+    pub fn open(
+        &self,
+        lead: Uuid,
+        field: PiiField,
+        key_id: &str,
+        blob: &[u8],
+    ) -> Result<String, PiiError> {
+        let cipher = self.keys.get(key_id).ok_or_else(|| PiiError::UnknownKey {
+            lead,
+            key_id: key_id.to_string(),
+        })?;
         if blob.len() < NONCE_LEN + 16 {
             return Err(PiiError::Tampered { lead });
         }
@@ -191,7 +231,8 @@ impl Vault {
 
     /// Keyed hash of an already normalised value (see [`normalize_email`], [`normalize_phone`]).
     pub fn lookup_hash(&self, field: PiiField, normalised: &str) -> Vec<u8> {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.lookup).expect("HMAC takes any key length");
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.lookup).expect("HMAC takes any key length");
         mac.update(field.tag());
         mac.update(b"\0");
         mac.update(normalised.as_bytes());
@@ -207,7 +248,9 @@ fn aad(lead: Uuid, field: PiiField) -> Vec<u8> {
 
 fn toml_from_str<T: serde::de::DeserializeOwned>(text: &str) -> anyhow::Result<T> {
     use figment::providers::{Format, Toml};
-    figment::Figment::from(Toml::string(text)).extract::<T>().map_err(|e| anyhow!(e.to_string()))
+    figment::Figment::from(Toml::string(text))
+        .extract::<T>()
+        .map_err(|e| anyhow!(e.to_string()))
 }
 
 /// Text of a new key file with one random key `id` and a random lookup key.
@@ -229,7 +272,11 @@ pub fn normalize_email(raw: &str) -> Result<String, String> {
     let valid = email.len() <= 254
         && !email.contains(char::is_whitespace)
         && email.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.') && !domain.contains('@')
+            !local.is_empty()
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+                && !domain.contains('@')
         });
     if valid {
         Ok(email)
@@ -242,7 +289,10 @@ pub fn normalize_email(raw: &str) -> Result<String, String> {
 pub fn normalize_phone(raw: &str, territory: Territory) -> Result<String, String> {
     let trimmed = raw.trim();
     let digits: String = trimmed.chars().filter(|c| c.is_ascii_digit()).collect();
-    if trimmed.chars().any(|c| !(c.is_ascii_digit() || " +-()/.".contains(c))) {
+    if trimmed
+        .chars()
+        .any(|c| !(c.is_ascii_digit() || " +-()/.".contains(c)))
+    {
         return Err("phone may contain only digits, spaces, + - ( ) / .".into());
     }
     let e164 = if trimmed.starts_with('+') {
@@ -293,22 +343,50 @@ mod tests {
         let v = vault();
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         let blob = v.seal(a, PiiField::Email, "max@example.com");
-        assert_eq!(v.open(a, PiiField::Email, "k1", &blob).unwrap(), "max@example.com");
-        assert!(matches!(v.open(b, PiiField::Email, "k1", &blob), Err(PiiError::Tampered { .. })));
-        assert!(matches!(v.open(a, PiiField::Phone, "k1", &blob), Err(PiiError::Tampered { .. })));
-        assert!(matches!(v.open(a, PiiField::Email, "k9", &blob), Err(PiiError::UnknownKey { .. })));
-        assert_ne!(blob, v.seal(a, PiiField::Email, "max@example.com"), "fresh nonce per value");
+        assert_eq!(
+            v.open(a, PiiField::Email, "k1", &blob).unwrap(),
+            "max@example.com"
+        );
+        assert!(matches!(
+            v.open(b, PiiField::Email, "k1", &blob),
+            Err(PiiError::Tampered { .. })
+        ));
+        assert!(matches!(
+            v.open(a, PiiField::Phone, "k1", &blob),
+            Err(PiiError::Tampered { .. })
+        ));
+        assert!(matches!(
+            v.open(a, PiiField::Email, "k9", &blob),
+            Err(PiiError::UnknownKey { .. })
+        ));
+        assert_ne!(
+            blob,
+            v.seal(a, PiiField::Email, "max@example.com"),
+            "fresh nonce per value"
+        );
     }
 
     #[test]
     fn lookup_hashes_match_across_spellings() {
         let v = vault();
         let h = |e: &str| v.lookup_hash(PiiField::Email, &normalize_email(e).unwrap());
-        assert_eq!(h(" Max.Mustermann@Example.COM "), h("max.mustermann@example.com"));
+        assert_eq!(
+            h(" Max.Mustermann@Example.COM "),
+            h("max.mustermann@example.com")
+        );
         assert_ne!(h("max@example.com"), h("moritz@example.com"));
-        assert_eq!(normalize_phone("089 / 123 456-7", Territory::DE).unwrap(), "+49891234567");
-        assert_eq!(normalize_phone("+49 89 1234567", Territory::AT).unwrap(), "+49891234567");
-        assert_eq!(normalize_phone("0049 89 1234567", Territory::CH).unwrap(), "+49891234567");
+        assert_eq!(
+            normalize_phone("089 / 123 456-7", Territory::DE).unwrap(),
+            "+49891234567"
+        );
+        assert_eq!(
+            normalize_phone("+49 89 1234567", Territory::AT).unwrap(),
+            "+49891234567"
+        );
+        assert_eq!(
+            normalize_phone("0049 89 1234567", Territory::CH).unwrap(),
+            "+49891234567"
+        );
         assert!(normalize_email("not-an-email").is_err());
         assert!(normalize_phone("call me", Territory::DE).is_err());
     }

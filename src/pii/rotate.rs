@@ -18,7 +18,13 @@ pub struct RotationReport {
     pub batches: u64,
 }
 
-type Row = (Uuid, Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>, String);
+type Row = (
+    Uuid,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    String,
+);
 
 /// Re-encrypts all rows whose key is not the active one; `batch` rows per transaction.
 pub async fn rotate(pool: &PgPool, vault: &Vault, batch: i64) -> anyhow::Result<RotationReport> {

@@ -71,5 +71,12 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             {"name": "lead-event-handler", "status": word(listener_up), "data": {"state": state_name}},
         ]
     });
-    (if up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
+    (
+        if up {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        Json(body),
+    )
 }

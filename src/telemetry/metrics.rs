@@ -8,8 +8,8 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::app::AppState;
@@ -17,7 +17,8 @@ use crate::error::ApiError;
 
 /// Latency buckets of CONTRACT.md (milliseconds): the event path is expected well under 10 ms
 /// on one machine, the upper buckets catch catch-up after an outage.
-pub const EVENT_LATENCY_BUCKETS_MS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0];
+pub const EVENT_LATENCY_BUCKETS_MS: &[f64] =
+    &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0];
 
 /// Every collector of one instance.
 pub struct Metrics {
@@ -42,25 +43,41 @@ impl Metrics {
         macro_rules! reg {
             ($c:expr) => {{
                 let c = $c.expect("metric definitions are static and valid");
-                registry.register(Box::new(c.clone())).expect("metric names are unique");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("metric names are unique");
                 c
             }};
         }
         let http_requests = reg!(IntCounterVec::new(
-            Opts::new("freshplan_http_requests_total", "HTTP requests by matched route"),
+            Opts::new(
+                "freshplan_http_requests_total",
+                "HTTP requests by matched route"
+            ),
             &["method", "route", "status"]
         ));
         let http_duration = reg!(HistogramVec::new(
-            HistogramOpts::new("freshplan_http_request_duration_ms", "HTTP request latency by matched route")
-                .buckets(vec![0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0]),
+            HistogramOpts::new(
+                "freshplan_http_request_duration_ms",
+                "HTTP request latency by matched route"
+            )
+            .buckets(vec![
+                0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0
+            ]),
             &["method", "route"]
         ));
         let events_published = reg!(IntCounterVec::new(
-            Opts::new("freshplan_events_published_total", "Events written to the outbox"),
+            Opts::new(
+                "freshplan_events_published_total",
+                "Events written to the outbox"
+            ),
             &["event_type", "module", "result"]
         ));
         let events_consumed = reg!(IntCounterVec::new(
-            Opts::new("freshplan_events_consumed_total", "Events processed by consumers"),
+            Opts::new(
+                "freshplan_events_consumed_total",
+                "Events processed by consumers"
+            ),
             &["event_type", "module", "result"]
         ));
         let event_latency = reg!(HistogramVec::new(
@@ -69,7 +86,10 @@ impl Metrics {
             &["event_type", "path"]
         ));
         let cache_invalidations = reg!(IntCounterVec::new(
-            Opts::new("freshplan_dashboard_cache_invalidations_total", "Widget cache invalidations"),
+            Opts::new(
+                "freshplan_dashboard_cache_invalidations_total",
+                "Widget cache invalidations"
+            ),
             &["widget", "trigger"]
         ));
         let active_widgets = reg!(IntGaugeVec::new(
@@ -77,17 +97,25 @@ impl Metrics {
             &["type"]
         ));
         let dashboard_updates = reg!(IntCounterVec::new(
-            Opts::new("freshplan_dashboard_updates_total", "Updates pushed to dashboards"),
+            Opts::new(
+                "freshplan_dashboard_updates_total",
+                "Updates pushed to dashboards"
+            ),
             &["update_type"]
         ));
-        let dedupe_entries =
-            reg!(Gauge::new("freshplan_dedupe_cache_entries", "Entries in the in-memory dedupe cache"));
+        let dedupe_entries = reg!(Gauge::new(
+            "freshplan_dedupe_cache_entries",
+            "Entries in the in-memory dedupe cache"
+        ));
         let dedupe_hit_rate = reg!(Gauge::new(
             "freshplan_dedupe_cache_hit_rate",
             "Share of dedupe lookups that found a duplicate"
         ));
         let outbox_lag = reg!(GaugeVec::new(
-            Opts::new("freshplan_outbox_lag_seconds", "Age of the oldest event not yet consumed"),
+            Opts::new(
+                "freshplan_outbox_lag_seconds",
+                "Age of the oldest event not yet consumed"
+            ),
             &["consumer"]
         ));
         Metrics {
@@ -125,7 +153,11 @@ pub async fn metrics_endpoint(State(state): State<AppState>) -> Response {
     if !state.settings.features.prometheus {
         return ApiError::FeatureDisabled("features.metrics.prometheus.enabled").into_response();
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 /// Middleware: counts and times every request by method and matched route.
@@ -139,7 +171,15 @@ pub async fn track_http(State(state): State<AppState>, req: Request, next: Next)
     let started = Instant::now();
     let response = next.run(req).await;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
-    state.metrics.http_requests.with_label_values(&[&method, &route, response.status().as_str()]).inc();
-    state.metrics.http_duration.with_label_values(&[&method, &route]).observe(ms);
+    state
+        .metrics
+        .http_requests
+        .with_label_values(&[&method, &route, response.status().as_str()])
+        .inc();
+    state
+        .metrics
+        .http_duration
+        .with_label_values(&[&method, &route])
+        .observe(ms);
     response
 }
