@@ -89,8 +89,23 @@ pub struct NewEvent {
 
 impl NewEvent {
     /// A new event with a fresh time-ordered id.
-    pub fn new(event_type: EventType, subject: Option<Uuid>, time: DateTime<Utc>, key: Uuid, data: Value, audience: Audience) -> Self {
-        NewEvent { id: Uuid::now_v7(), event_type, subject, time, key, data, audience }
+    pub fn new(
+        event_type: EventType,
+        subject: Option<Uuid>,
+        time: DateTime<Utc>,
+        key: Uuid,
+        data: Value,
+        audience: Audience,
+    ) -> Self {
+        NewEvent {
+            id: Uuid::now_v7(),
+            event_type,
+            subject,
+            time,
+            key,
+            data,
+            audience,
+        }
     }
 
     /// The envelope as stored (without `position`, which the database assigns).
@@ -137,8 +152,16 @@ pub fn key_status_change(lead: Uuid, old: &str, new: &str, changed_at: DateTime<
 }
 
 /// Key of `dashboard.lead_assigned`.
-pub fn key_assigned(lead: Uuid, old_owner: &str, new_owner: &str, changed_at: DateTime<Utc>) -> Uuid {
-    key(&format!("assigned|{lead}|{old_owner}|{new_owner}|{}", ts(changed_at)))
+pub fn key_assigned(
+    lead: Uuid,
+    old_owner: &str,
+    new_owner: &str,
+    changed_at: DateTime<Utc>,
+) -> Uuid {
+    key(&format!(
+        "assigned|{lead}|{old_owner}|{new_owner}|{}",
+        ts(changed_at)
+    ))
 }
 
 /// Key of `dashboard.activity_logged`.
@@ -153,8 +176,14 @@ pub fn key_followup(lead: Uuid, kind: &str, processed_at: DateTime<Utc>) -> Uuid
 
 /// Key of the BATCH `dashboard.followup_completed`: same minute, user and counts → same key.
 pub fn key_followup_batch(processed_at: DateTime<Utc>, user: &str, t3: i64, t7: i64) -> Uuid {
-    let minute = processed_at.with_second(0).and_then(|t| t.with_nanosecond(0)).unwrap_or(processed_at);
-    key(&format!("followup-batch|{}|{user}|{t3}|{t7}", minute.format("%Y-%m-%dT%H:%MZ")))
+    let minute = processed_at
+        .with_second(0)
+        .and_then(|t| t.with_nanosecond(0))
+        .unwrap_or(processed_at);
+    key(&format!(
+        "followup-batch|{}|{user}|{t3}|{t7}",
+        minute.format("%Y-%m-%dT%H:%MZ")
+    ))
 }
 
 /// The SSE/consumer form of an envelope: unchanged up to [`MAX_FRAME_BYTES`], else every
@@ -188,28 +217,60 @@ mod tests {
         let lead: Uuid = "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b".parse().unwrap();
         let t = at("2026-11-28T09:00:00.123456Z");
         // Vectors computed independently with Python: uuid.uuid5(NS, canonical).
-        assert_eq!(key_status_change(lead, "ACTIVE", "QUALIFIED", t).to_string(), "952ece31-903f-55ee-9463-50cc4c7b7b01");
-        assert_eq!(key_followup(lead, "T3", t).to_string(), "3955bb0d-2e47-5bf6-95c6-52152228fc41");
+        assert_eq!(
+            key_status_change(lead, "ACTIVE", "QUALIFIED", t).to_string(),
+            "952ece31-903f-55ee-9463-50cc4c7b7b01"
+        );
+        assert_eq!(
+            key_followup(lead, "T3", t).to_string(),
+            "3955bb0d-2e47-5bf6-95c6-52152228fc41"
+        );
         assert_eq!(
             key_followup_batch(at("2026-11-28T09:00:41.5Z"), "system", 3, 1).to_string(),
             "a5574fad-4673-5f9d-a9b4-2c9e5aa6ecde"
         );
-        assert_eq!(ts(Utc.with_ymd_and_hms(2026, 11, 28, 9, 0, 0).unwrap()), "2026-11-28T09:00:00.000000Z");
+        assert_eq!(
+            ts(Utc.with_ymd_and_hms(2026, 11, 28, 9, 0, 0).unwrap()),
+            "2026-11-28T09:00:00.000000Z"
+        );
     }
 
     #[test]
     fn batch_keys_are_equal_within_a_minute_with_the_same_counts_only() {
         let a = key_followup_batch(at("2026-11-28T09:00:05.1Z"), "system", 3, 1);
-        assert_eq!(a, key_followup_batch(at("2026-11-28T09:00:59.999Z"), "system", 3, 1));
-        assert_ne!(a, key_followup_batch(at("2026-11-28T09:01:00Z"), "system", 3, 1));
-        assert_ne!(a, key_followup_batch(at("2026-11-28T09:00:10Z"), "system", 3, 2));
-        assert_ne!(a, key_followup_batch(at("2026-11-28T09:00:10Z"), "manager-de", 3, 1));
+        assert_eq!(
+            a,
+            key_followup_batch(at("2026-11-28T09:00:59.999Z"), "system", 3, 1)
+        );
+        assert_ne!(
+            a,
+            key_followup_batch(at("2026-11-28T09:01:00Z"), "system", 3, 1)
+        );
+        assert_ne!(
+            a,
+            key_followup_batch(at("2026-11-28T09:00:10Z"), "system", 3, 2)
+        );
+        assert_ne!(
+            a,
+            key_followup_batch(at("2026-11-28T09:00:10Z"), "manager-de", 3, 1)
+        );
     }
 
     #[test]
     fn big_envelopes_become_a_stub_that_keeps_every_other_attribute() {
-        let audience = Audience { territory: Territory::DE, owner: None, collaborators: vec![] };
-        let ev = NewEvent::new(EventType::LeadCreated, None, Utc::now(), Uuid::nil(), json!({"x": "y".repeat(8000)}), audience);
+        let audience = Audience {
+            territory: Territory::DE,
+            owner: None,
+            collaborators: vec![],
+        };
+        let ev = NewEvent::new(
+            EventType::LeadCreated,
+            None,
+            Utc::now(),
+            Uuid::nil(),
+            json!({"x": "y".repeat(8000)}),
+            audience,
+        );
         let env = ev.envelope();
         let (stub, truncated) = frame(&env);
         assert!(truncated);

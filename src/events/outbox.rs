@@ -34,8 +34,10 @@ pub const ENVELOPE_SQL: &str = "envelope || jsonb_build_object('position', posit
 /// The full envelope behind a key, if the transaction's principal is in its audience
 /// (row-level security on the outbox applies the audience rule).
 pub async fn fetch_by_key(tx: &mut Tx, key: Uuid) -> Result<Option<Value>, sqlx::Error> {
-    sqlx::query_scalar(&format!("SELECT {ENVELOPE_SQL} FROM outbox WHERE idempotency_key = $1"))
-        .bind(key)
-        .fetch_optional(&mut **tx)
-        .await
+    sqlx::query_scalar(&format!(
+        "SELECT {ENVELOPE_SQL} FROM outbox WHERE idempotency_key = $1"
+    ))
+    .bind(key)
+    .fetch_optional(&mut **tx)
+    .await
 }
