@@ -136,7 +136,7 @@ pub struct DedupeCache {
 }
 
 impl DedupeCache {
-    /// A cache of at most `capacity` keys (`freshplan.events.dedupe-cache-size`; 0 disables it).
+    /// A cache of at most `capacity` keys (`freshplan.events.dedupe-cache-size`).
     pub fn new(capacity: usize, metrics: Arc<Metrics>) -> Self {
         DedupeCache {
             capacity,
