@@ -22,16 +22,12 @@ pub const LOOKUP_KEY: &str = "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=";
 
 /// Administrator URL of the PostgreSQL server the tests use.
 pub fn admin_url() -> String {
-    std::env::var("FRESHPLAN_TEST_ADMIN_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("FRESHPLAN_TEST_ADMIN_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 fn db_url(user: &str, db: &str) -> String {
     let admin = admin_url();
-    let host = admin
-        .split_once('@')
-        .map(|(_, h)| h)
-        .unwrap_or("127.0.0.1:5432/postgres");
+    let host = admin.split_once('@').map(|(_, h)| h).unwrap_or("127.0.0.1:5432/postgres");
     let host = host.rsplit_once('/').map(|(h, _)| h).unwrap_or(host);
     format!("postgres://{user}@{host}/{db}")
 }
@@ -45,16 +41,9 @@ pub struct TestDb {
 impl TestDb {
     /// Creates and migrates a fresh database.
     pub async fn create() -> TestDb {
-        let name = format!(
-            "fp_test_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..16]
-        );
-        let target =
-            bootstrap::Target::from_url(&db_url("freshplan_app", &name), "freshplan_owner")
-                .unwrap();
-        bootstrap::migrate(&admin_url(), &target)
-            .await
-            .expect("migrate test database");
+        let name = format!("fp_test_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+        let target = bootstrap::Target::from_url(&db_url("freshplan_app", &name), "freshplan_owner").unwrap();
+        bootstrap::migrate(&admin_url(), &target).await.expect("migrate test database");
         TestDb { name }
     }
 
@@ -65,16 +54,12 @@ impl TestDb {
 
     /// A superuser connection to this database, for inspecting raw rows and killing backends.
     pub async fn superuser(&self) -> PgConnection {
-        PgConnection::connect(&db_url("postgres", &self.name))
-            .await
-            .expect("superuser connection")
+        PgConnection::connect(&db_url("postgres", &self.name)).await.expect("superuser connection")
     }
 
     /// A pool of the application role with no identity set.
     pub async fn app_pool(&self) -> PgPool {
-        freshplan::db::connect(&self.app_url(), 4, "freshplan-test")
-            .await
-            .expect("app pool")
+        freshplan::db::connect(&self.app_url(), 4, "freshplan-test").await.expect("app pool")
     }
 
     /// Settings for an instance on this database; `env` overrides keys by their env names.
@@ -115,9 +100,7 @@ impl TestApp {
         let db = TestDb::create().await;
         let app = Self::on(db, env).await;
         let vault = app.vault();
-        freshplan::demo::seed(&app.state().pool, &vault, 0)
-            .await
-            .expect("seed users");
+        freshplan::demo::seed(&app.state().pool, &vault, 0).await.expect("seed users");
         app
     }
 
@@ -129,20 +112,13 @@ impl TestApp {
             server: Some(server),
             db,
             client: reqwest::Client::new(),
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         }
     }
 
     /// Another instance sharing this database (as a second pod would).
     pub async fn second_instance(&self) -> TestApp {
-        let env: Vec<(&str, &str)> = self
-            .env
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         Self::on(self.db.clone(), &env).await
     }
 
@@ -153,16 +129,9 @@ impl TestApp {
             s.stop().await;
         }
         if let Some(env) = env {
-            self.env = env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
+            self.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         }
-        let env: Vec<(&str, &str)> = self
-            .env
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let server = start(&self.db, &env).await;
         self.url = server.url();
         self.server = Some(server);
@@ -188,16 +157,7 @@ impl TestApp {
     /// A bearer token for any principal.
     pub fn token(&self, user: &str, role: Role, territory: Territory) -> String {
         let auth = Authenticator::from_settings(&self.db.settings(&[]).jwt, false).unwrap();
-        auth.mint(
-            &Principal {
-                user_id: user.into(),
-                name: user.into(),
-                role,
-                territory,
-            },
-            3600,
-        )
-        .unwrap()
+        auth.mint(&Principal { user_id: user.into(), name: user.into(), role, territory }, 3600).unwrap()
     }
 
     /// A bearer token for a demo user id (`sales-de-1`, `manager-at`, `admin`, …).
@@ -234,22 +194,11 @@ impl TestApp {
 
     /// GET with a demo user's token.
     pub async fn get(&self, user: &str, path: &str) -> reqwest::Response {
-        self.client
-            .get(format!("{}{}", self.url, path))
-            .header("Authorization", self.bearer(user))
-            .send()
-            .await
-            .unwrap()
+        self.client.get(format!("{}{}", self.url, path)).header("Authorization", self.bearer(user)).send().await.unwrap()
     }
 
     /// PATCH a lead with If-Match.
-    pub async fn patch(
-        &self,
-        user: &str,
-        id: &str,
-        version: i64,
-        body: serde_json::Value,
-    ) -> reqwest::Response {
+    pub async fn patch(&self, user: &str, id: &str, version: i64, body: serde_json::Value) -> reqwest::Response {
         self.client
             .patch(format!("{}/api/leads/{id}", self.url))
             .header("Authorization", self.bearer(user))
@@ -263,21 +212,15 @@ impl TestApp {
 
 /// Vault from settings (the test keys).
 pub fn vault_from(settings: &Settings) -> Vault {
-    Vault::from_settings(&settings.pii)
-        .unwrap()
-        .expect("test keys configured")
+    Vault::from_settings(&settings.pii).unwrap().expect("test keys configured")
 }
 
 async fn start(db: &TestDb, env: &[(&str, &str)]) -> Server {
     let settings = db.settings(env);
     let vault = vault_from(&settings);
     let auth = Authenticator::from_settings(&settings.jwt, false).unwrap();
-    let state = AppState::connect(settings, auth, vault)
-        .await
-        .expect("connect as application role");
-    Server::start(state, "127.0.0.1:0")
-        .await
-        .expect("server starts")
+    let state = AppState::connect(settings, auth, vault).await.expect("connect as application role");
+    Server::start(state, "127.0.0.1:0").await.expect("server starts")
 }
 
 // ---- Event path helpers ------------------------------------------------------------------
