@@ -15,6 +15,8 @@ use utoipa::OpenApi;
 use crate::auth::jwt::Authenticator;
 use crate::config::Settings;
 use crate::error::ApiError;
+use crate::events::consumer::{CacheInvalidation, CockpitCache, DedupeCache};
+use crate::events::hub::Hub;
 use crate::events::Publisher;
 use crate::pii::Vault;
 use crate::telemetry::health::ListenerHealth;
@@ -31,6 +33,12 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub publisher: Publisher,
     pub listener_health: Arc<ListenerHealth>,
+    /// Open SSE subscribers of this instance.
+    pub hub: Arc<Hub>,
+    /// Keys this instance recently saw processed (in front of the inbox).
+    pub dedupe: Arc<DedupeCache>,
+    /// Widget cache invalidated by every consumed event.
+    pub cockpit_cache: Arc<dyn CacheInvalidation>,
 }
 
 impl AppState {
@@ -45,6 +53,12 @@ impl AppState {
         db::check_runtime_role(&pool).await?;
         let metrics = Arc::new(Metrics::new());
         let publisher = Publisher::new(settings.allow_unauthenticated_publisher, metrics.clone());
+        let hub = Hub::new(settings.events.sse_queue_size, metrics.clone());
+        let dedupe = Arc::new(DedupeCache::new(
+            settings.events.dedupe_cache_size,
+            metrics.clone(),
+        ));
+        let cockpit_cache = Arc::new(CockpitCache::new(metrics.clone()));
         Ok(AppState {
             settings: Arc::new(settings),
             pool,
@@ -53,6 +67,9 @@ impl AppState {
             metrics,
             publisher,
             listener_health: Arc::new(ListenerHealth::default()),
+            hub,
+            dedupe,
+            cockpit_cache,
         })
     }
 }
@@ -69,6 +86,7 @@ impl AppState {
         leads::http::add_activity,
         leads::http::list_activities,
         events::get_event,
+        events::sse::stream,
     ),
     components(schemas(
         leads::model::Lead,

@@ -386,9 +386,15 @@ impl Settings {
                 "must be at least freshplan.events.outbox-retention-hours (a re-read event must still find its inbox row)",
             ));
         }
-        if self.events.sse_queue_size < 1 || self.events.dedupe_cache_size < 1 {
+        if self.events.sse_queue_size < 1 {
             return Err(invalid(
                 "freshplan.events.sse-queue-size",
+                "must be at least 1",
+            ));
+        }
+        if self.events.dedupe_cache_size < 1 {
+            return Err(invalid(
+                "freshplan.events.dedupe-cache-size",
                 "must be at least 1",
             ));
         }

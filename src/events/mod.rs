@@ -1,8 +1,15 @@
 //! Event distribution: envelope and keys, the transactional outbox, the publisher that wakes
-//! consumers after commit, and the endpoint that serves full envelopes by reference.
+//! consumers after commit, the background work of an instance (doorbell, listener, retention),
+//! and the endpoints: full envelopes by reference and the SSE stream.
 
+pub mod consumer;
+pub mod doorbell;
 pub mod envelope;
+pub mod hub;
+pub mod listener;
 pub mod outbox;
+pub mod retention;
+pub mod sse;
 
 use std::sync::Arc;
 
@@ -29,8 +36,12 @@ pub const MODULE: &str = "lead-management";
 pub struct Publisher {
     allow_unauthenticated: bool,
     metrics: Arc<Metrics>,
-    /// Signalled after every commit that wrote events; `Notify` coalesces bursts.
+    /// Signalled after every commit that wrote events; the doorbell waits on it (`Notify`
+    /// coalesces bursts into one ring).
     pub committed: Arc<Notify>,
+    /// Signalled at the same time for this instance's listener, which therefore never waits for
+    /// the doorbell's round trip.
+    pub wake_local: Arc<Notify>,
 }
 
 impl Publisher {
@@ -40,6 +51,7 @@ impl Publisher {
             allow_unauthenticated,
             metrics,
             committed: Arc::new(Notify::new()),
+            wake_local: Arc::new(Notify::new()),
         }
     }
 
@@ -88,12 +100,15 @@ impl Publisher {
                 .inc();
         }
         self.committed.notify_one();
+        self.wake_local.notify_one();
     }
 }
 
 /// Routes of this context.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/events/{key}", get(get_event))
+    Router::new()
+        .route("/api/events/{key}", get(get_event))
+        .route("/api/cockpit/stream", get(sse::stream))
 }
 
 /// The full envelope behind a truncation stub; 404 outside the event's audience.
@@ -114,30 +129,70 @@ pub async fn get_event(
     env.map(AppJson).ok_or(ApiError::NotFound("event"))
 }
 
-/// Background work of the event path (listener, doorbell, retention). Placeholder until the
-/// listener lands: reports the handler state so readiness is truthful.
+/// Background work of the event path of one instance: the doorbell, the listener (unless
+/// `features.events.cross-module.enabled` is false, in which case consumers do nothing, the
+/// cursor stays where it is and health reports `Disabled`) and the retention job.
 pub struct Background {
+    stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    hub: Arc<hub::Hub>,
 }
 
 impl Background {
     /// Starts the background tasks of one instance.
     pub async fn start(state: &AppState) -> anyhow::Result<Self> {
         use crate::telemetry::health::ListenerState;
-        state
-            .listener_health
-            .set(if state.settings.features.cross_module_events {
-                ListenerState::Disconnected
-            } else {
-                ListenerState::Disabled
-            });
-        Ok(Background { tasks: Vec::new() })
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let settings = &state.settings;
+        let mut tasks = vec![
+            tokio::spawn(doorbell::run(
+                settings.database_url.clone(),
+                state.publisher.committed.clone(),
+                stopped.clone(),
+            )),
+            tokio::spawn(retention::run(
+                state.pool.clone(),
+                settings.events.clone(),
+                stopped.clone(),
+            )),
+        ];
+        if settings.features.cross_module_events {
+            state.listener_health.set(ListenerState::Disconnected);
+            let listener = listener::Listener {
+                database_url: settings.database_url.clone(),
+                consumer: consumer::Consumer::new(state),
+                health: state.listener_health.clone(),
+                wake: state.publisher.wake_local.clone(),
+                poll_interval: std::time::Duration::from_millis(settings.events.poll_interval_ms),
+            };
+            tasks.push(tokio::spawn(listener.run(stopped)));
+        } else {
+            tracing::info!(
+                "features.events.cross-module.enabled is false: event consumers are off"
+            );
+            state.listener_health.set(ListenerState::Disabled);
+        }
+        Ok(Background {
+            stop,
+            tasks,
+            hub: state.hub.clone(),
+        })
     }
 
-    /// Stops every task.
+    /// Stops every task (each finishes the batch it is in; a task that does not finish within
+    /// 5 s is aborted, which is safe: an unfinished batch rolls back and is read again) and ends
+    /// the open SSE streams.
     pub async fn stop(self) {
-        for t in self.tasks {
-            t.abort();
+        let _ = self.stop.send(true);
+        self.hub.close();
+        for mut t in self.tasks {
+            if tokio::time::timeout(std::time::Duration::from_secs(5), &mut t)
+                .await
+                .is_err()
+            {
+                tracing::warn!("event background task did not stop in time; aborting it");
+                t.abort();
+            }
         }
     }
 }

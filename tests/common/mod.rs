@@ -279,3 +279,171 @@ async fn start(db: &TestDb, env: &[(&str, &str)]) -> Server {
         .await
         .expect("server starts")
 }
+
+// ---- Event path helpers ------------------------------------------------------------------
+
+/// Polls `check` every 50 ms until it returns true; panics with `what` after `within`.
+pub async fn wait_until<F, Fut>(within: std::time::Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {within:?} waiting for: {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The usual patience of event tests.
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+type SseInner = std::pin::Pin<
+    Box<
+        dyn futures::Stream<
+                Item = Result<
+                    eventsource_stream::Event,
+                    eventsource_stream::EventStreamError<reqwest::Error>,
+                >,
+            > + Send,
+    >,
+>;
+
+/// An open `GET /api/cockpit/stream`.
+pub struct Sse {
+    inner: SseInner,
+}
+
+impl Sse {
+    /// The next event, or None when none arrives within `within` (or the stream ended).
+    pub async fn next(&mut self, within: std::time::Duration) -> Option<eventsource_stream::Event> {
+        use futures::StreamExt;
+        match tokio::time::timeout(within, self.inner.next()).await {
+            Ok(Some(Ok(ev))) => Some(ev),
+            Ok(Some(Err(e))) => panic!("SSE stream failed: {e}"),
+            Ok(None) | Err(_) => None,
+        }
+    }
+
+    /// Reads events until one satisfies `last`; returns all read (including that one).
+    pub async fn until(
+        &mut self,
+        what: &str,
+        last: impl Fn(&eventsource_stream::Event) -> bool,
+    ) -> Vec<eventsource_stream::Event> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some(ev) = self.next(left).await else {
+                panic!(
+                    "no SSE event `{what}` within {PATIENCE:?}; got {:?}",
+                    seen.iter()
+                        .map(|e: &eventsource_stream::Event| (&e.event, &e.id))
+                        .collect::<Vec<_>>()
+                );
+            };
+            let done = last(&ev);
+            seen.push(ev);
+            if done {
+                return seen;
+            }
+        }
+    }
+}
+
+/// The JSON `data` of an SSE event.
+pub fn sse_json(ev: &eventsource_stream::Event) -> serde_json::Value {
+    serde_json::from_str(&ev.data)
+        .unwrap_or_else(|e| panic!("SSE data is not JSON ({e}): {}", ev.data))
+}
+
+/// Validates a JSON value against the CloudEvents 1.0 schema (tests/fixtures).
+pub fn assert_cloudevent(envelope: &serde_json::Value) {
+    static VALIDATOR: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
+    let validator = VALIDATOR.get_or_init(|| {
+        let text = include_str!("../fixtures/cloudevents-1.0.schema.json");
+        let schema: serde_json::Value = serde_json::from_str(text).expect("schema is JSON");
+        jsonschema::validator_for(&schema).expect("schema compiles")
+    });
+    if let Err(e) = validator.validate(envelope) {
+        panic!("not a CloudEvents 1.0 envelope ({e}): {envelope}");
+    }
+    assert_eq!(envelope["specversion"], "1.0");
+    assert_eq!(envelope["source"], "lead-management");
+}
+
+impl TestApp {
+    /// Opens the SSE stream as a demo user, optionally resuming after `last_event_id`.
+    pub async fn sse(&self, user: &str, last_event_id: Option<i64>) -> Sse {
+        use eventsource_stream::Eventsource;
+        let mut req = self
+            .client
+            .get(format!("{}/api/cockpit/stream", self.url))
+            .header("Authorization", self.bearer(user));
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id.to_string());
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 200, "SSE stream refused");
+        let ct = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        assert!(ct.starts_with("text/event-stream"), "content type {ct}");
+        Sse {
+            inner: Box::pin(r.bytes_stream().eventsource()),
+        }
+    }
+
+    /// The value of one sample of /q/metrics (`name{labels}` exactly as exposed), 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self
+            .client
+            .get(format!("{}/q/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metric_in(&text, sample)
+    }
+
+    /// A scalar from a query run as superuser (bypasses RLS: for inspection only).
+    pub async fn count(&self, sql: &str) -> i64 {
+        let mut c = self.db.superuser().await;
+        let n: Option<i64> = sqlx::query_scalar(sql).fetch_one(&mut c).await.unwrap();
+        n.unwrap_or(0)
+    }
+
+    /// Sum of `cockpit_daily_events.events`.
+    pub async fn projected_events(&self) -> i64 {
+        self.count("SELECT sum(events)::bigint FROM cockpit_daily_events")
+            .await
+    }
+}
+
+/// Value of a sample in Prometheus text, 0 when absent.
+pub fn metric_in(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// `freshplan_events_consumed_total` sample name.
+pub fn consumed(event_type: &str, result: &str) -> String {
+    format!("freshplan_events_consumed_total{{event_type=\"{event_type}\",module=\"lead-management\",result=\"{result}\"}}")
+}

@@ -1,0 +1,257 @@
+//! The listener of one instance: a dedicated `LISTEN dashboard_updates` connection, catch-up from
+//! the durable cursor, the low-latency scan of fresh rows, the periodic poll, reconnect with
+//! backoff, and the `lead-event-handler` health state.
+//!
+//! # Why the cursor is (txid, position), not a position
+//!
+//! Outbox positions come from a sequence and are taken at INSERT time, but rows become visible at
+//! COMMIT. Transaction A can take position 5 and commit after transaction B took position 6: a
+//! reader that saw 6 and stored "done up to 6" would never look at 5 again — the event would be
+//! lost. So the durable cursor is ordered by (txid, position) and only advances over rows whose
+//! transaction is older than the oldest one still running,
+//! `txid < pg_snapshot_xmin(pg_current_snapshot())`: every such transaction has finished, so no
+//! row can ever appear below that bound later (the *stable* scan).
+//!
+//! Waiting for the oldest running transaction would make latency depend on the slowest writer in
+//! the cluster, so the listener also reads committed rows beyond an in-memory high-water position
+//! at once (the *fresh* scan), without moving the durable cursor past them. A set of rows already
+//! handled (keyed by their cursor order, pruned as the cursor passes them) stops the stable scan
+//! from handling them a second time on this instance; the inbox makes any re-read harmless anyway.
+//!
+//! # Order of work
+//!
+//! `LISTEN` first, then catch up (stable scan to the end, then fresh scan), then react to
+//! notifications, in-process wakes and the poll tick. A ring that arrives during catch-up is
+//! therefore not lost, and a ring lost to a crash or a dropped connection is covered by the poll.
+//! On any error the state becomes `Disconnected`, the connection is dropped and re-established
+//! with exponential backoff (capped at 5 s), and catch-up runs again.
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use tokio::sync::{mpsc, watch, Notify};
+
+use super::consumer::{self, Consumer, Cursor, OutboxRow};
+use crate::telemetry::health::{ListenerHealth, ListenerState};
+
+/// The doorbell channel.
+pub const CHANNEL: &str = "dashboard_updates";
+
+/// `application_name` of the listener connection (operators and tests find it by this name).
+pub const APPLICATION_NAME: &str = "freshplan-listener";
+
+/// Rows read per scan.
+pub const BATCH: i64 = 1000;
+
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// Everything the listener task needs.
+pub struct Listener {
+    pub database_url: String,
+    pub consumer: Consumer,
+    pub health: Arc<ListenerHealth>,
+    /// In-process wake after a local commit (no database round trip).
+    pub wake: Arc<Notify>,
+    pub poll_interval: Duration,
+}
+
+/// The scan state that survives reconnects.
+struct Scanner {
+    consumer: Consumer,
+    cursor: Cursor,
+    /// Highest position the fresh scan has read.
+    high: i64,
+    /// Rows beyond the durable cursor this instance already handled.
+    handled: BTreeSet<Cursor>,
+}
+
+impl Scanner {
+    /// Processes the rows of a scan this instance has not handled yet.
+    async fn handle(
+        &mut self,
+        rows: &[OutboxRow],
+        advance_to: Option<Cursor>,
+    ) -> anyhow::Result<()> {
+        let received = Instant::now();
+        let todo: Vec<OutboxRow> = rows
+            .iter()
+            .filter(|r| !self.handled.contains(&Cursor::at(r)))
+            .cloned()
+            .collect();
+        self.consumer.received(&todo);
+        self.consumer
+            .process(&todo, received, advance_to)
+            .await
+            .context("consuming outbox rows")?;
+        self.handled.extend(todo.iter().map(Cursor::at));
+        if let Some(c) = advance_to {
+            self.cursor = c;
+            // Neither scan reads at or below the cursor again.
+            self.handled = self.handled.split_off(&Cursor {
+                txid: c.txid,
+                position: c.position.saturating_add(1),
+            });
+        }
+        Ok(())
+    }
+
+    /// One stable batch; returns the number of rows read.
+    async fn stable(&mut self) -> anyhow::Result<usize> {
+        let rows = consumer::fetch_stable(self.consumer.pool(), self.cursor, BATCH)
+            .await
+            .context("reading the outbox")?;
+        let Some(last) = rows.last().map(Cursor::at) else {
+            return Ok(0);
+        };
+        let oldest = rows
+            .iter()
+            .find(|r| !self.handled.contains(&Cursor::at(r)))
+            .map(|r| r.created_at);
+        self.consumer.set_lag(oldest);
+        self.handle(&rows, Some(last)).await?;
+        Ok(rows.len())
+    }
+
+    /// One fresh batch; returns the number of rows read.
+    async fn fresh(&mut self) -> anyhow::Result<usize> {
+        let rows = consumer::fetch_fresh(self.consumer.pool(), self.high, self.cursor, BATCH)
+            .await
+            .context("reading the outbox")?;
+        let Some(max) = rows.iter().map(|r| r.position).max() else {
+            return Ok(0);
+        };
+        self.handle(&rows, None).await?;
+        self.high = self.high.max(max);
+        Ok(rows.len())
+    }
+
+    /// Stable scan to the end, then fresh scan to the end.
+    async fn drain(&mut self) -> anyhow::Result<()> {
+        while self.stable().await? as i64 == BATCH {}
+        while self.fresh().await? as i64 == BATCH {}
+        self.consumer.set_lag(None);
+        Ok(())
+    }
+}
+
+impl Listener {
+    /// Runs until `stop` turns true.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut scanner = Scanner {
+            consumer: self.consumer.clone(),
+            cursor: Cursor::default(),
+            high: 0,
+            handled: BTreeSet::new(),
+        };
+        let mut backoff = BACKOFF_START;
+        loop {
+            self.health.set(ListenerState::Disconnected);
+            if *stop.borrow() {
+                return;
+            }
+            match self.session(&mut scanner, &mut stop, &mut backoff).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "event listener disconnected")
+                }
+            }
+            self.health.set(ListenerState::Disconnected);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_CAP);
+        }
+    }
+
+    /// One connection's life: listen, catch up, serve wakes. `Ok` only when stopped.
+    async fn session(
+        &self,
+        scanner: &mut Scanner,
+        stop: &mut watch::Receiver<bool>,
+        backoff: &mut Duration,
+    ) -> anyhow::Result<()> {
+        let options = PgConnectOptions::from_str(&self.database_url)
+            .context("invalid database URL")?
+            .application_name(APPLICATION_NAME);
+        // A pool of one, detached from the runtime pool: the listener never competes with
+        // requests for a connection, and dropping it closes the connection.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .context("connecting the listener")?;
+        let mut listener = PgListener::connect_with(&pool)
+            .await
+            .context("connecting the listener")?;
+        listener.eager_reconnect(false);
+        listener
+            .listen(CHANNEL)
+            .await
+            .context("LISTEN dashboard_updates")?;
+
+        // Notifications are read by a task of their own, because a receive cancelled halfway
+        // (as `select!` would do) could lose protocol state; a closed channel means the
+        // connection is gone.
+        let (ring_tx, mut rings) = mpsc::channel::<()>(1);
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(_)) = listener.try_recv().await {
+                // Full means a ring is already pending: coalesced.
+                let _ = ring_tx.try_send(());
+            }
+        });
+        let result = self.serve(scanner, stop, backoff, &mut rings).await;
+        reader.abort();
+        pool.close().await;
+        result
+    }
+
+    async fn serve(
+        &self,
+        scanner: &mut Scanner,
+        stop: &mut watch::Receiver<bool>,
+        backoff: &mut Duration,
+        rings: &mut mpsc::Receiver<()>,
+    ) -> anyhow::Result<()> {
+        self.health.set(ListenerState::CatchingUp);
+        scanner.cursor = consumer::load_cursor(scanner.consumer.pool())
+            .await
+            .context("loading the durable cursor")?;
+        let started = Instant::now();
+        scanner.drain().await?;
+        tracing::info!(
+            cursor_position = scanner.cursor.position,
+            took_ms = started.elapsed().as_millis() as u64,
+            "event listener live"
+        );
+        self.health.set(ListenerState::Live);
+        *backoff = BACKOFF_START;
+        let mut poll = tokio::time::interval(self.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => return Ok(()),
+                ring = rings.recv() => {
+                    if ring.is_none() {
+                        anyhow::bail!("listener connection lost");
+                    }
+                }
+                _ = self.wake.notified() => {}
+                _ = poll.tick() => {}
+            }
+            if *stop.borrow() {
+                return Ok(());
+            }
+            scanner.drain().await?;
+        }
+    }
+}

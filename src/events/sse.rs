@@ -1,0 +1,136 @@
+//! `GET /api/cockpit/stream`: the Server-Sent Events stream of the events in the caller's
+//! audience, with `Last-Event-ID` resume.
+//!
+//! Resume without gaps or duplicates: the subscriber registers in the hub *first*, so live events
+//! queue up while the outbox is replayed (as the caller: row-level security on the outbox applies
+//! the audience rule); live events the replay already sent, or that the client had, are dropped.
+//! The queue is bounded (`freshplan.events.sse-queue-size`): a client that falls behind gets its
+//! backlog discarded and one `event: resync` (refetch the widget) instead of unbounded buffering.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+use super::envelope;
+use super::outbox::ENVELOPE_SQL;
+use crate::app::AppState;
+use crate::auth::Principal;
+use crate::db;
+use crate::error::{ApiError, ApiResult};
+
+/// Rows per replay query.
+const REPLAY_PAGE: i64 = 500;
+/// A client further behind than this is told to resync instead of being replayed to.
+const REPLAY_MAX: usize = 20_000;
+
+fn frame_event(position: i64, event_type: &str, data: &str) -> Event {
+    Event::default()
+        .id(position.to_string())
+        .event(event_type)
+        .data(data)
+}
+
+fn resync(reason: &str) -> Event {
+    Event::default()
+        .event("resync")
+        .data(json!({"reason": reason}).to_string())
+}
+
+async fn replay_page(
+    pool: &PgPool,
+    caller: &Principal,
+    after: i64,
+) -> Result<Vec<(i64, String, Value)>, sqlx::Error> {
+    let mut tx = db::begin_as(pool, caller).await?;
+    let rows = sqlx::query_as(&format!(
+        "SELECT position, event_type, {ENVELOPE_SQL} FROM outbox WHERE position > $1 ORDER BY position LIMIT $2"
+    ))
+    .bind(after)
+    .bind(REPLAY_PAGE)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+/// The caller's live event stream.
+#[utoipa::path(get, path = "/api/cockpit/stream", tag = "events",
+    params(("Last-Event-ID" = Option<i64>, Header, description = "outbox position of the last event received; the stream replays what followed")),
+    responses(
+        (status = 200, description = "text/event-stream: `id:` outbox position, `event:` CloudEvents type, `data:` envelope (or truncation stub); `event: resync` when the client fell behind", content_type = "text/event-stream"),
+        (status = 401, description = "no identity"),
+        (status = 422, description = "Last-Event-ID is not a position")))]
+pub async fn stream(
+    State(state): State<AppState>,
+    caller: Principal,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let last_id = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<i64>().ok())
+                .ok_or_else(|| {
+                    ApiError::field("Last-Event-ID must be an outbox position (an integer)")
+                })?,
+        ),
+    };
+    let mut sub = state.hub.subscribe(caller.clone());
+    let pool = state.pool.clone();
+    let events = async_stream::stream! {
+        let mut replayed: HashSet<i64> = HashSet::new();
+        if let Some(mut after) = last_id {
+            loop {
+                match replay_page(&pool, &caller, after).await {
+                    Ok(rows) => {
+                        let n = rows.len() as i64;
+                        for (position, event_type, env) in rows {
+                            after = position;
+                            replayed.insert(position);
+                            let (frame, _) = envelope::frame(&env);
+                            yield Ok::<_, Infallible>(frame_event(position, &event_type, &frame.to_string()));
+                        }
+                        if n < REPLAY_PAGE {
+                            break;
+                        }
+                        if replayed.len() >= REPLAY_MAX {
+                            yield Ok(resync("too far behind to replay"));
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "SSE replay failed; asking the client to resync");
+                        yield Ok(resync("replay failed"));
+                        break;
+                    }
+                }
+            }
+        }
+        while let Some(ev) = sub.rx.recv().await {
+            if sub.overflow.swap(false, Ordering::SeqCst) {
+                while sub.rx.try_recv().is_ok() {}
+                yield Ok(resync("queue overflow"));
+                continue;
+            }
+            if last_id.is_some_and(|l| ev.position <= l) || replayed.remove(&ev.position) {
+                continue;
+            }
+            yield Ok(frame_event(ev.position, &ev.event_type, &ev.data));
+        }
+    };
+    let keepalive = KeepAlive::new()
+        .interval(Duration::from_secs(
+            state.settings.events.sse_keepalive_seconds.max(1),
+        ))
+        .text("keep-alive");
+    Ok(Sse::new(events).keep_alive(keepalive).into_response())
+}
