@@ -214,6 +214,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             db::check_runtime_role(&pool).await?;
             let r = pii::rotate::rotate(&pool, &vault, batch.clamp(1, 10_000)).await?;
             println!("re-encrypted {} leads in {} batches under key `{}`", r.rows, r.batches, vault.active_key_id());
+            if !r.unreadable.is_empty() {
+                let shown: Vec<String> = r.unreadable.iter().take(20).map(|id| id.to_string()).collect();
+                bail!(
+                    "{} leads were left under their old key because their contact data does not decrypt \
+                     (altered or copied in the database): {}{}; restore them from a backup or re-enter their contact data",
+                    r.unreadable.len(),
+                    shown.join(", "),
+                    if r.unreadable.len() > shown.len() { ", …" } else { "" }
+                );
+            }
             Ok(())
         }
     }
