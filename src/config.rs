@@ -201,12 +201,34 @@ pub struct JwtSettings {
     pub issuer: Option<String>,
 }
 
-/// Where PII keys come from (see `pii`).
-#[derive(Debug, Clone, Default)]
+/// Where PII keys come from (see `pii`). `Debug` shows which sources are set, never key material.
+#[derive(Clone, Default)]
 pub struct PiiSettings {
     pub key_file: Option<PathBuf>,
     pub keys: String,
     pub lookup_key: String,
+}
+
+impl std::fmt::Debug for PiiSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<&str> = self
+            .keys
+            .split(',')
+            .filter_map(|k| k.split_once(':').map(|(id, _)| id.trim()))
+            .collect();
+        f.debug_struct("PiiSettings")
+            .field("key_file", &self.key_file)
+            .field("keys", &ids)
+            .field(
+                "lookup_key",
+                &if self.lookup_key.is_empty() {
+                    "unset"
+                } else {
+                    "set"
+                },
+            )
+            .finish()
+    }
 }
 
 /// Event path tuning.
@@ -493,6 +515,23 @@ mod tests {
         );
         let err = load(None, &[("FRESHPLAN_SECURITY_RLS_ENABLED", "false")]).unwrap_err();
         assert!(err.to_string().contains("cannot be turned off"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_of_the_settings_shows_no_key_material() {
+        let key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+        let lookup = "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=";
+        let s = load(
+            None,
+            &[
+                ("FRESHPLAN_PII_KEYS", &format!("k1:{key}")),
+                ("FRESHPLAN_PII_LOOKUP_KEY", lookup),
+            ],
+        )
+        .unwrap();
+        let shown = format!("{s:?}");
+        assert!(shown.contains("\"k1\""), "{shown}");
+        assert!(!shown.contains(key) && !shown.contains(lookup), "{shown}");
     }
 
     #[test]

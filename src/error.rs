@@ -45,6 +45,10 @@ pub enum ApiError {
     DuplicateContact { existing: Option<Uuid> },
     #[error("{0}")]
     Conflict(String),
+    /// Stored contact data failed authentication or its key is not configured. The detail names
+    /// the lead only; the reason (tampered, unknown key id) goes to the log, never clear text.
+    #[error("the contact data of lead {lead} cannot be decrypted: it was altered or copied in the database, or its key is not configured; the lead's other fields are intact, ask an administrator to restore or re-enter the contact data")]
+    ContactDataUnreadable { lead: Uuid, reason: String },
     #[error("service unavailable: {0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -119,6 +123,11 @@ impl ApiError {
                 "Duplicate contact",
             ),
             Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
+            ContactDataUnreadable { .. } => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "contact-data-unreadable",
+                "Contact data unreadable",
+            ),
             Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -147,8 +156,12 @@ impl IntoResponse for ApiError {
             }
             _ => self.to_string(),
         };
-        if let ApiError::Internal(e) = &self {
-            tracing::error!(error = %format!("{e:#}"), "internal error");
+        match &self {
+            ApiError::Internal(e) => tracing::error!(error = %format!("{e:#}"), "internal error"),
+            ApiError::ContactDataUnreadable { lead, reason } => {
+                tracing::error!(lead_id = %lead, reason = %reason, "contact data unreadable")
+            }
+            _ => {}
         }
         let problem = Problem {
             type_: format!("{PROBLEM_BASE}{slug}"),

@@ -258,6 +258,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 r.batches,
                 vault.active_key_id()
             );
+            if !r.unreadable.is_empty() {
+                let shown: Vec<String> = r
+                    .unreadable
+                    .iter()
+                    .take(20)
+                    .map(|id| id.to_string())
+                    .collect();
+                bail!(
+                    "{} leads were left under their old key because their contact data does not decrypt \
+                     (altered or copied in the database): {}{}; restore them from a backup or re-enter their contact data",
+                    r.unreadable.len(),
+                    shown.join(", "),
+                    if r.unreadable.len() > shown.len() { ", …" } else { "" }
+                );
+            }
             Ok(())
         }
     }

@@ -32,8 +32,16 @@ fn etag(version: i64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header value")
 }
 
+/// A value that does not decrypt answers `contact-data-unreadable` (never garbage, never the
+/// ciphertext); the reason (tampered or unknown key id) is logged, it names no contact data.
 fn pii_error(e: pii::PiiError) -> ApiError {
-    ApiError::Internal(anyhow::anyhow!(e))
+    let lead = match &e {
+        pii::PiiError::UnknownKey { lead, .. } | pii::PiiError::Tampered { lead } => *lead,
+    };
+    ApiError::ContactDataUnreadable {
+        lead,
+        reason: e.to_string(),
+    }
 }
 
 fn no_viewer(p: &Principal, action: &str) -> ApiResult<()> {
@@ -217,7 +225,12 @@ pub async fn create_lead(
     let city = text("city", body.city, 120)?;
     let id = Uuid::now_v7();
     let now = envelope::micros(Utc::now());
-    let masked_email = body.email.clone().map(Masked);
+    // Normalised first, so the log shows `***@example.com` whatever the spelling.
+    let masked_email = body
+        .email
+        .as_deref()
+        .and_then(|e| pii::normalize_email(e).ok())
+        .map(Masked);
     let sealed = seal_contact(
         &state.vault,
         id,
@@ -294,7 +307,7 @@ pub async fn create_lead(
         .ok_or(ApiError::NotFound("lead"))?;
     tx.commit().await?;
     state.publisher.committed(&events);
-    tracing::info!(lead_id = %id, territory = %territory, owner = %caller.user_id, contact_email = ?masked_email, "lead created");
+    tracing::info!(lead_id = %id, territory = %territory, owner = %caller.user_id, contact_email = masked_email.as_ref().map(tracing::field::display), "lead created");
 
     let lead = row.into_lead(&state.vault).map_err(pii_error)?;
     let mut response = (StatusCode::CREATED, AppJson(lead)).into_response();

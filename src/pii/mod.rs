@@ -109,7 +109,9 @@ impl Vault {
             }
             let cipher = Aes256Gcm::new_from_slice(&key)
                 .map_err(|_| anyhow!("PII key `{id}` must be 32 bytes"))?;
-            map.insert(id, cipher);
+            if map.insert(id.clone(), cipher).is_some() {
+                bail!("PII key id `{id}` is configured twice; every key needs its own id");
+            }
         }
         if !map.contains_key(active) {
             bail!("the active PII key `{active}` is not among the configured keys");
@@ -128,6 +130,9 @@ impl Vault {
     /// Returns `None` when nothing is configured (the caller decides whether that is fatal).
     pub fn from_settings(s: &PiiSettings) -> anyhow::Result<Option<Self>> {
         if let Some(path) = &s.key_file {
+            if !s.keys.trim().is_empty() {
+                bail!("set either freshplan.pii.key-file or freshplan.pii.keys, not both");
+            }
             return Self::from_file(path).map(Some);
         }
         if s.keys.trim().is_empty() {
@@ -174,7 +179,7 @@ impl Vault {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
-            std::fs::write(path, new_key_file("dev-1"))?;
+            write_private(path, &new_key_file("dev-1"))?;
             tracing::warn!(path = %path.display(), "generated a development PII key (demo only; never use it for real data)");
         }
         Self::from_file(path)
@@ -238,6 +243,21 @@ impl Vault {
         mac.update(normalised.as_bytes());
         mac.finalize().into_bytes().to_vec()
     }
+}
+
+/// Writes a new file readable by its owner only (a key file must not be world-readable).
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }
 
 fn aad(lead: Uuid, field: PiiField) -> Vec<u8> {
@@ -389,6 +409,53 @@ mod tests {
         );
         assert!(normalize_email("not-an-email").is_err());
         assert!(normalize_phone("call me", Territory::DE).is_err());
+    }
+
+    #[test]
+    fn a_key_id_configured_twice_or_two_key_sources_are_refused() {
+        let err = Vault::new(
+            vec![("k1".into(), vec![1; 32]), ("k1".into(), vec![2; 32])],
+            "k1",
+            vec![9; 32],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("configured twice"), "{err}");
+        let settings = PiiSettings {
+            key_file: Some("/nonexistent/keys.toml".into()),
+            keys: "k1:AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=".into(),
+            lookup_key: String::new(),
+        };
+        let err = Vault::from_settings(&settings).unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn the_development_key_file_is_private_and_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev-pii-keys.toml");
+        let v = Vault::development(&path).unwrap();
+        assert_eq!(v.active_key_id(), "dev-1");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+        let again = Vault::development(&path).unwrap();
+        let id = Uuid::now_v7();
+        assert_eq!(
+            again
+                .open(
+                    id,
+                    PiiField::Email,
+                    "dev-1",
+                    &v.seal(id, PiiField::Email, "a@b.de")
+                )
+                .unwrap(),
+            "a@b.de"
+        );
     }
 
     #[test]
