@@ -86,6 +86,10 @@ impl AppState {
         leads::http::add_activity,
         leads::http::list_activities,
         events::get_event,
+        telemetry::health::live,
+        telemetry::health::ready,
+        metrics::metrics_endpoint,
+        openapi,
         events::sse::stream,
     ),
     components(schemas(
@@ -96,10 +100,34 @@ impl AppState {
         leads::model::NewActivity,
         leads::model::LeadPage,
     )),
-    tags((name = "leads"), (name = "events"), (name = "operations"))
+    tags((name = "leads"), (name = "events"), (name = "operations")),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
 )]
 pub struct ApiDoc;
 
+/// Declares the bearer JWT scheme (`Authorization: Bearer <JWT>`; the development session
+/// cookie is accepted too but is not part of the public contract).
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// This document.
+#[utoipa::path(get, path = "/q/openapi", tag = "operations", security(()), responses((status = 200, description = "OpenAPI 3.1 document")))]
 async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
     axum::Json(ApiDoc::openapi())
 }

@@ -639,3 +639,28 @@ async fn health_metrics_and_openapi_are_served() {
     assert_eq!((s, slug(&p)), (404, "feature-disabled"));
     off.stop().await;
 }
+
+/// The API's contract is reviewed as a file: `docs/openapi.json` must equal what the service
+/// serves. After an intended change: `UPDATE_OPENAPI=1 cargo test --test leads_api openapi`.
+#[tokio::test]
+async fn the_served_openapi_document_matches_the_committed_one() {
+    let app = TestApp::spawn().await;
+    let served: Value = app
+        .client
+        .get(format!("{}/q/openapi", app.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.json");
+    if std::env::var_os("UPDATE_OPENAPI").is_some() {
+        std::fs::write(&path, serde_json::to_string_pretty(&served).unwrap() + "\n").unwrap();
+    }
+    let committed: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(
+        served, committed,
+        "docs/openapi.json is out of date: run UPDATE_OPENAPI=1 cargo test --test leads_api openapi"
+    );
+}

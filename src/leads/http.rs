@@ -346,6 +346,13 @@ pub struct ListQuery {
     pub size: Option<i64>,
 }
 
+/// Filters of `GET /api/leads` ($1 status, $2 owner, $3 ILIKE pattern, $4 email hash); deleted
+/// leads only when asked for by status. Row-level security narrows it to the caller's view.
+const LIST_FILTER: &str = "WHERE ($1::text IS NULL AND status <> 'DELETED' OR status = $1) \
+    AND ($2::text IS NULL OR owner_user_id = $2) \
+    AND ($3::text IS NULL OR company_name ILIKE $3 OR city ILIKE $3) \
+    AND ($4::bytea IS NULL OR email_hash = $4)";
+
 /// Bulk reads above this many decrypted leads are audited.
 const BULK_READ_AUDIT: usize = 100;
 
@@ -393,13 +400,8 @@ pub async fn list_leads(
     });
 
     let mut tx = db::begin_as(&state.pool, &caller).await?;
-    let rows: Vec<(i64, LeadRow)> = sqlx::query_as::<_, LeadRow>(&format!(
-        "SELECT {LEAD_COLUMNS} FROM leads \
-         WHERE ($1::text IS NULL AND status <> 'DELETED' OR status = $1) \
-           AND ($2::text IS NULL OR owner_user_id = $2) \
-           AND ($3::text IS NULL OR company_name ILIKE $3 OR city ILIKE $3) \
-           AND ($4::bytea IS NULL OR email_hash = $4) \
-         ORDER BY updated_at DESC, id LIMIT $5 OFFSET $6"
+    let rows: Vec<LeadRow> = sqlx::query_as(&format!(
+        "SELECT {LEAD_COLUMNS} FROM leads {LIST_FILTER} ORDER BY updated_at DESC, id LIMIT $5 OFFSET $6"
     ))
     .bind(status.map(|s| s.as_str()))
     .bind(&q.owner)
@@ -408,23 +410,14 @@ pub async fn list_leads(
     .bind(size)
     .bind(page * size)
     .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(|r| (0, r))
-    .collect();
-    let total: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM leads \
-         WHERE ($1::text IS NULL AND status <> 'DELETED' OR status = $1) \
-           AND ($2::text IS NULL OR owner_user_id = $2) \
-           AND ($3::text IS NULL OR company_name ILIKE $3 OR city ILIKE $3) \
-           AND ($4::bytea IS NULL OR email_hash = $4)",
-    )
-    .bind(status.map(|s| s.as_str()))
-    .bind(&q.owner)
-    .bind(&pattern)
-    .bind(&email_hash)
-    .fetch_one(&mut *tx)
     .await?;
+    let total: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM leads {LIST_FILTER}"))
+        .bind(status.map(|s| s.as_str()))
+        .bind(&q.owner)
+        .bind(&pattern)
+        .bind(&email_hash)
+        .fetch_one(&mut *tx)
+        .await?;
     if rows.len() > BULK_READ_AUDIT {
         sqlx::query(
             "INSERT INTO audit_log (actor_user_id, actor_role, action, entity_type, entity_id, territory, details) \
@@ -440,7 +433,7 @@ pub async fn list_leads(
     tx.commit().await?;
     let items = rows
         .into_iter()
-        .map(|(_, r)| r.into_lead(&state.vault))
+        .map(|r| r.into_lead(&state.vault))
         .collect::<Result<Vec<_>, _>>()
         .map_err(pii_error)?;
     Ok(AppJson(LeadPage {

@@ -41,11 +41,16 @@ impl ListenerHealth {
 }
 
 /// Liveness: the process answers.
+#[utoipa::path(get, path = "/q/health/live", tag = "operations", security(()),
+    responses((status = 200, description = "`{\"status\":\"UP\",\"checks\":[]}`")))]
 pub async fn live() -> Json<Value> {
     Json(json!({"status": "UP", "checks": []}))
 }
 
 /// Readiness: database reachable and the listener live (or deliberately disabled).
+#[utoipa::path(get, path = "/q/health/ready", tag = "operations", security(()),
+    responses((status = 200, description = "UP: checks `database` and `lead-event-handler`"),
+        (status = 503, description = "DOWN: database unreachable, or the listener disconnected or catching up")))]
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let db_up = tokio::time::timeout(
         std::time::Duration::from_secs(2),

@@ -149,6 +149,9 @@ impl Default for Metrics {
 }
 
 /// `GET /q/metrics`.
+#[utoipa::path(get, path = "/q/metrics", tag = "operations", security(()),
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain"),
+        (status = 404, description = "feature-disabled (features.metrics.prometheus.enabled=false)")))]
 pub async fn metrics_endpoint(State(state): State<AppState>) -> Response {
     if !state.settings.features.prometheus {
         return ApiError::FeatureDisabled("features.metrics.prometheus.enabled").into_response();
