@@ -135,15 +135,7 @@ async fn a_commit_reaches_every_consumer_exactly_once_on_every_instance() {
     wait_until(PATIENCE, "both instances consumed both events", || async {
         let mut done = true;
         for app in [&a, &b] {
-            let text = app
-                .client
-                .get(format!("{}/q/metrics", app.url))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = app.metrics_text().await;
             let n: f64 = ["success", "duplicate"]
                 .iter()
                 .flat_map(|r| {
@@ -273,12 +265,7 @@ async fn the_same_envelope_delivered_twice_is_processed_once_even_across_a_resta
 async fn with_cross_module_events_off_nothing_is_consumed_until_switched_on() {
     let off = [("FEATURES_EVENTS_CROSS_MODULE_ENABLED", "false")];
     let mut app = TestApp::spawn_with(&off).await;
-    let ready: serde_json::Value = app
-        .get("admin", "/q/health/ready")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let ready: serde_json::Value = app.get_json("admin", "/q/health/ready").await;
     assert_eq!(ready["checks"][1]["data"]["state"], "disabled");
     for i in 0..3 {
         app.create_lead("sales-de-1", TestApp::lead_body(&format!("Lead {i}")))

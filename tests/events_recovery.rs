@@ -29,15 +29,7 @@ async fn kill_listener(su: &mut PgConnection) -> i64 {
 
 /// Sum of `freshplan_events_consumed_total{result="success"}` over every event type.
 async fn successes(app: &TestApp) -> f64 {
-    let text = app
-        .client
-        .get(format!("{}/q/metrics", app.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     EventType::ALL
         .iter()
         .map(|t| metric_in(&text, &consumed(t.as_str(), "success")))
@@ -202,12 +194,7 @@ async fn readiness_is_down_while_the_listener_is_disconnected_and_up_once_live()
         app.get("admin", "/q/health/ready").await.status() == 200
     })
     .await;
-    let body: serde_json::Value = app
-        .get("admin", "/q/health/ready")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let body: serde_json::Value = app.get_json("admin", "/q/health/ready").await;
     assert_eq!(body["checks"][1]["data"]["state"], "live");
     // And the reconnected listener still delivers.
     app.create_lead("sales-de-1", TestApp::lead_body("Nach dem Ausfall"))

@@ -51,11 +51,8 @@ async fn creating_a_lead_answers_201_with_location_etag_and_the_creator_as_owner
     assert_eq!(got.status(), 200, "collaborator sees it");
     // CREATED activity written with it.
     let acts: Value = app
-        .get("sales-de-1", &format!("{location}/activities"))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json("sales-de-1", &format!("{location}/activities"))
+        .await;
     assert_eq!(acts[0]["type"], "CREATED");
 }
 
@@ -125,11 +122,8 @@ async fn patch_needs_if_match_and_refuses_a_stale_version() {
     assert_eq!((status, slug(&p)), (412, "stale-version"));
     assert_eq!(p["currentVersion"], 2);
     let got: Value = app
-        .get("sales-de-1", &format!("/api/leads/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json("sales-de-1", &format!("/api/leads/{id}"))
+        .await;
     assert_eq!(
         got["emailConsent"], false,
         "a refused change leaves nothing behind"
@@ -206,28 +200,17 @@ async fn the_status_machine_is_enforced_with_409_invalid_transition() {
     )
     .await;
     assert_eq!(status, 409);
-    let list: Value = app
-        .get("sales-de-1", "/api/leads")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("sales-de-1", "/api/leads").await;
     assert_eq!(list["total"], 0);
     let deleted: Value = app
-        .get("sales-de-1", "/api/leads?status=DELETED")
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json("sales-de-1", "/api/leads?status=DELETED")
+        .await;
     assert_eq!(deleted["total"], 1);
 
     // Every change wrote a STATUS_CHANGE activity.
     let acts: Value = app
-        .get("manager-de", &format!("/api/leads/{id}/activities"))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json("manager-de", &format!("/api/leads/{id}/activities"))
+        .await;
     let changes = acts
         .as_array()
         .unwrap()
@@ -441,12 +424,7 @@ async fn lists_filter_and_paginate_what_the_caller_may_see() {
     }
     app.create_lead("sales-de-2", TestApp::lead_body("Kantine Nord"))
         .await;
-    let page: Value = app
-        .get("manager-de", "/api/leads?size=3&page=2")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let page: Value = app.get_json("manager-de", "/api/leads?size=3&page=2").await;
     assert_eq!(
         (
             page["total"].as_i64(),
@@ -455,39 +433,20 @@ async fn lists_filter_and_paginate_what_the_caller_may_see() {
         (Some(8), 2)
     );
     let page: Value = app
-        .get("manager-de", "/api/leads?owner=sales-de-2")
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json("manager-de", "/api/leads?owner=sales-de-2")
+        .await;
     assert_eq!(page["total"], 1);
-    let page: Value = app
-        .get("manager-de", "/api/leads?q=k%C3%B6ln")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let page: Value = app.get_json("manager-de", "/api/leads?q=k%C3%B6ln").await;
     assert_eq!(page["total"], 3, "q matches city case-insensitively");
     let page: Value = app
-        .get("manager-de", "/api/leads?q=alpenblick%205")
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json("manager-de", "/api/leads?q=alpenblick%205")
+        .await;
     assert_eq!(page["total"], 1);
     let page: Value = app
-        .get("manager-de", "/api/leads?status=registered")
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json("manager-de", "/api/leads?status=registered")
+        .await;
     assert_eq!(page["total"], 8);
-    let page: Value = app
-        .get("sales-de-2", "/api/leads?q=Hotel")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let page: Value = app.get_json("sales-de-2", "/api/leads?q=Hotel").await;
     assert_eq!(page["total"], 0, "filters never widen the view");
 }
 
@@ -513,11 +472,8 @@ async fn owner_reassignment_and_activities_leave_activities_and_audit_rows() {
         (Some("MEETING"), Some(true))
     );
     let got: Value = app
-        .get("sales-de-1", &format!("/api/leads/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json("sales-de-1", &format!("/api/leads/{id}"))
+        .await;
     assert_eq!(got["lastActivityAt"], act["occurredAt"]);
 
     let (s, _) = (
@@ -587,15 +543,7 @@ async fn health_metrics_and_openapi_are_served() {
 
     app.create_lead("sales-de-1", TestApp::lead_body("Counted"))
         .await;
-    let metrics = app
-        .client
-        .get(format!("{}/q/metrics", app.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains(
             r#"freshplan_http_requests_total{method="POST",route="/api/leads",status="201"} 1"#

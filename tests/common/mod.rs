@@ -242,6 +242,11 @@ impl TestApp {
             .unwrap()
     }
 
+    /// GET as a demo user and parse the JSON body (whatever the status).
+    pub async fn get_json(&self, user: &str, path: &str) -> serde_json::Value {
+        self.get(user, path).await.json().await.unwrap()
+    }
+
     /// PATCH a lead with If-Match.
     pub async fn patch(
         &self,
@@ -403,17 +408,20 @@ impl TestApp {
         }
     }
 
-    /// The value of one sample of /q/metrics (`name{labels}` exactly as exposed), 0 when absent.
-    pub async fn metric(&self, sample: &str) -> f64 {
-        let text = self
+    /// The text of /q/metrics.
+    pub async fn metrics_text(&self) -> String {
+        let r = self
             .client
             .get(format!("{}/q/metrics", self.url))
             .send()
             .await
-            .unwrap()
-            .text()
-            .await
             .unwrap();
+        r.text().await.unwrap()
+    }
+
+    /// The value of one sample of /q/metrics (`name{labels}` exactly as exposed), 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self.metrics_text().await;
         metric_in(&text, sample)
     }
 
