@@ -679,3 +679,38 @@ async fn serve_refuses_to_start_without_a_pii_key() {
         "it refuses at once"
     );
 }
+
+/// Decrypting more than 100 leads in one read is audited (who, how many); smaller pages are not.
+#[tokio::test]
+async fn bulk_reads_of_more_than_100_decrypted_leads_are_audited() {
+    let app = TestApp::spawn().await;
+    freshplan::demo::seed(&app.state().pool, &app.vault(), 150)
+        .await
+        .unwrap();
+    let audited = |app: &TestApp| {
+        let db = app.db.clone();
+        async move {
+            let mut su = db.superuser().await;
+            sqlx::query_as::<_, (String, String, i64)>(
+                "SELECT actor_user_id, actor_role, (details->>'leads')::bigint FROM audit_log \
+                 WHERE action = 'PII_BULK_READ' ORDER BY id",
+            )
+            .fetch_all(&mut su)
+            .await
+            .unwrap()
+        }
+    };
+    let page = app.get_json("admin", "/api/leads?size=50").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 50);
+    assert!(
+        audited(&app).await.is_empty(),
+        "a page of 50 is not a bulk read"
+    );
+    let page = app.get_json("admin", "/api/leads?size=500").await;
+    let n = page["items"].as_array().unwrap().len() as i64;
+    assert!(n > 100, "{n} leads listed");
+    assert_eq!(
+        audited(&app).await,
+        vec![("admin".to_string(), "admin".to_string(), n)]
+    );
+}
