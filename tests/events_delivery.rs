@@ -382,6 +382,20 @@ async fn an_unauthenticated_publisher_is_refused_and_counted() {
     let sample = "freshplan_events_published_total{event_type=\"dashboard.lead_created\",module=\"lead-management\",result=\"unauthenticated\"}";
     assert_eq!(app.metric(sample).await, 1.0);
     assert_eq!(app.count("SELECT count(*) FROM outbox").await, 0);
+
+    // An identified principal whose role may not make the change is counted `denied`.
+    let r = app
+        .client
+        .post(format!("{}/api/leads", app.url))
+        .header("Authorization", app.bearer("viewer-de"))
+        .json(&TestApp::lead_body("Nur lesen"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let sample = "freshplan_events_published_total{event_type=\"dashboard.lead_created\",module=\"lead-management\",result=\"denied\"}";
+    assert_eq!(app.metric(sample).await, 1.0);
+    assert_eq!(app.count("SELECT count(*) FROM outbox").await, 0);
 }
 
 #[tokio::test]
@@ -410,4 +424,37 @@ async fn allowing_unauthenticated_publishers_acts_as_the_system_principal() {
         app.projected_events().await == 1
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_transaction_that_fails_publishes_nothing_and_counts_a_failure() {
+    let app = TestApp::spawn().await;
+    let sales = freshplan::demo::principal("sales-de-1").unwrap();
+    let now = envelope::micros(Utc::now());
+    let lead = Uuid::now_v7();
+    let ev = NewEvent::new(
+        EventType::ActivityLogged,
+        Some(lead),
+        now,
+        envelope::key_activity(Uuid::now_v7()),
+        json!({"leadId": lead, "activityType": "CALL", "ownerUserId": "sales-de-1", "territory": "DE",
+               "userId": "sales-de-1", "occurredAt": envelope::ts(now)}),
+        Audience {
+            territory: Territory::DE,
+            owner: Some("sales-de-1".into()),
+            collaborators: vec![],
+        },
+    );
+    let mut tx = db::begin_as(&app.state().pool, &sales).await.unwrap();
+    // The business part of the transaction fails; the handler would not notice before commit.
+    assert!(sqlx::query("SELECT 1 / 0").execute(&mut *tx).await.is_err());
+    assert!(app
+        .state()
+        .publisher
+        .commit(tx, std::slice::from_ref(&ev))
+        .await
+        .is_err());
+    let sample = "freshplan_events_published_total{event_type=\"dashboard.activity_logged\",module=\"lead-management\",result=\"failure\"}";
+    assert_eq!(app.metric(sample).await, 1.0);
+    assert_eq!(app.count("SELECT count(*) FROM outbox").await, 0);
 }

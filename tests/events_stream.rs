@@ -182,15 +182,17 @@ async fn an_oversized_event_arrives_as_a_stub_and_is_fetched_by_reference_by_its
             collaborators: vec![],
         },
     );
-    let mut tx = db::begin_as(
+    let tx = db::begin_as(
         &app.state().pool,
         &freshplan::demo::principal("sales-de-1").unwrap(),
     )
     .await
     .unwrap();
-    outbox::append(&mut tx, &big).await.unwrap();
-    tx.commit().await.unwrap();
-    app.state().publisher.committed(std::slice::from_ref(&big));
+    app.state()
+        .publisher
+        .commit(tx, std::slice::from_ref(&big))
+        .await
+        .unwrap();
 
     for stream in [&mut owner, &mut admin] {
         let ev = stream.next(PATIENCE).await.expect("the stub");

@@ -21,11 +21,11 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::app::AppState;
-use crate::auth::{MaybePrincipal, Principal};
+use crate::auth::{MaybePrincipal, Principal, Role};
 use crate::db::{self, Tx};
 use crate::error::{ApiError, ApiResult, AppJson};
 use crate::telemetry::metrics::Metrics;
-use envelope::NewEvent;
+use envelope::{EventType, NewEvent};
 
 /// Module label of this service's metrics.
 pub const MODULE: &str = "lead-management";
@@ -55,33 +55,65 @@ impl Publisher {
         }
     }
 
-    /// The principal a change publishes as. Without one the change is refused (401) and counted
-    /// as `unauthenticated`, unless unauthenticated publishing is allowed (tests only), in which
-    /// case it acts as the system principal.
-    pub fn authorize(&self, caller: MaybePrincipal, event_type: &str) -> ApiResult<Principal> {
-        match caller.0 {
-            Some(p) => Ok(p),
-            None if self.allow_unauthenticated => Ok(Principal::system()),
+    fn count(&self, event_type: &str, result: &str) {
+        self.metrics
+            .events_published
+            .with_label_values(&[event_type, MODULE, result])
+            .inc();
+    }
+
+    /// The principal a change publishes as, if it may make the change at all. Without a principal
+    /// the change is refused (401) and counted `unauthenticated`, unless unauthenticated
+    /// publishing is allowed (tests only), in which case it acts as the system principal. A role
+    /// outside `allowed` is refused (403) and counted `denied`.
+    pub fn authorize(
+        &self,
+        caller: MaybePrincipal,
+        event_type: EventType,
+        allowed: &[Role],
+        action: &str,
+    ) -> ApiResult<Principal> {
+        let principal = match caller.0 {
+            Some(p) => p,
+            None if self.allow_unauthenticated => Principal::system(),
             None => {
-                self.metrics
-                    .events_published
-                    .with_label_values(&[event_type, MODULE, "unauthenticated"])
-                    .inc();
-                Err(ApiError::Unauthenticated)
+                self.count(event_type.as_str(), "unauthenticated");
+                return Err(ApiError::Unauthenticated);
+            }
+        };
+        principal.require(allowed, action).inspect_err(|_| {
+            self.count(event_type.as_str(), "denied");
+        })?;
+        Ok(principal)
+    }
+
+    /// Appends the events to the outbox in the business transaction and commits it; then counts
+    /// them and wakes the consumers. If the append or the commit fails, nothing was published
+    /// (the transaction rolled back) and the events are counted `failure`.
+    pub async fn commit(&self, mut tx: Tx, events: &[NewEvent]) -> Result<(), sqlx::Error> {
+        let written = async {
+            for ev in events {
+                outbox::append(&mut tx, ev).await?;
+            }
+            tx.commit().await
+        }
+        .await;
+        match written {
+            Ok(()) => {
+                self.committed(events);
+                Ok(())
+            }
+            Err(e) => {
+                for ev in events {
+                    self.count(ev.event_type.as_str(), "failure");
+                }
+                Err(e)
             }
         }
     }
 
-    /// Appends events to the outbox in the business transaction.
-    pub async fn append(&self, tx: &mut Tx, events: &[NewEvent]) -> Result<(), sqlx::Error> {
-        for ev in events {
-            outbox::append(tx, ev).await?;
-        }
-        Ok(())
-    }
-
-    /// Call after the transaction committed: counts and wakes the consumers.
-    pub fn committed(&self, events: &[NewEvent]) {
+    /// After commit: counts and wakes the consumers.
+    fn committed(&self, events: &[NewEvent]) {
         if events.is_empty() {
             return;
         }
@@ -94,10 +126,7 @@ impl Publisher {
             } else {
                 "success"
             };
-            self.metrics
-                .events_published
-                .with_label_values(&[ev.event_type.as_str(), MODULE, result])
-                .inc();
+            self.count(ev.event_type.as_str(), result);
         }
         self.committed.notify_one();
         self.wake_local.notify_one();

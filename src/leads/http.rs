@@ -207,10 +207,10 @@ pub async fn create_lead(
     caller: MaybePrincipal,
     AppJson(body): AppJson<CreateLead>,
 ) -> ApiResult<Response> {
-    let caller = state
-        .publisher
-        .authorize(caller, EventType::LeadCreated.as_str())?;
-    no_viewer(&caller, "create leads")?;
+    let caller =
+        state
+            .publisher
+            .authorize(caller, EventType::LeadCreated, WRITERS, "create leads")?;
     let territory = match body.territory {
         Some(t) if t != caller.territory && caller.role == Role::Sales => {
             return Err(ApiError::Forbidden(
@@ -301,12 +301,10 @@ pub async fn create_lead(
         audience(territory, &caller.user_id, &collaborators),
     );
     let events = [event];
-    state.publisher.append(&mut tx, &events).await?;
     let row = fetch_row(&mut tx, id)
         .await?
         .ok_or(ApiError::NotFound("lead"))?;
-    tx.commit().await?;
-    state.publisher.committed(&events);
+    state.publisher.commit(tx, &events).await?;
     tracing::info!(lead_id = %id, territory = %territory, owner = %caller.user_id, contact_email = masked_email.as_ref().map(tracing::field::display), "lead created");
 
     let lead = row.into_lead(&state.vault).map_err(pii_error)?;
@@ -489,10 +487,12 @@ pub async fn patch_lead(
     headers: HeaderMap,
     AppJson(body): AppJson<PatchLead>,
 ) -> ApiResult<Response> {
-    let caller = state
-        .publisher
-        .authorize(caller, EventType::LeadStatusChanged.as_str())?;
-    no_viewer(&caller, "change leads")?;
+    let caller = state.publisher.authorize(
+        caller,
+        EventType::LeadStatusChanged,
+        WRITERS,
+        "change leads",
+    )?;
     let id = uuid_path(&id)?;
     let expected = if_match(&headers)?;
 
@@ -721,10 +721,8 @@ pub async fn patch_lead(
         "LEAD_UPDATED"
     };
     audit(&mut tx, &caller, action, id, territory, details).await?;
-    state.publisher.append(&mut tx, &events).await?;
     let updated = fetch_row(&mut tx, id).await?;
-    tx.commit().await?;
-    state.publisher.committed(&events);
+    state.publisher.commit(tx, &events).await?;
     tracing::info!(lead_id = %id, fields = ?changed, "lead updated");
     // A sales owner who reassigned the lead away may no longer see it.
     match updated {
@@ -746,10 +744,10 @@ pub async fn add_activity(
     Path(id): Path<String>,
     AppJson(body): AppJson<NewActivity>,
 ) -> ApiResult<Response> {
-    let caller = state
-        .publisher
-        .authorize(caller, EventType::ActivityLogged.as_str())?;
-    no_viewer(&caller, "log activities")?;
+    let caller =
+        state
+            .publisher
+            .authorize(caller, EventType::ActivityLogged, WRITERS, "log activities")?;
     let id = uuid_path(&id)?;
     if !body.activity_type.is_manual() {
         return Err(ApiError::field(format!(
@@ -811,9 +809,7 @@ pub async fn add_activity(
         }),
         audience(territory, &owner, &collaborators),
     )];
-    state.publisher.append(&mut tx, &events).await?;
-    tx.commit().await?;
-    state.publisher.committed(&events);
+    state.publisher.commit(tx, &events).await?;
 
     let activity = Activity {
         id: activity_id,
