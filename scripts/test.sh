@@ -19,9 +19,14 @@ if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
 fi
 for _ in $(seq 1 30); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 1; done
 pg_isready -h 127.0.0.1 -p 5432
-# Databases left by earlier runs (each test makes its own).
-psql -h 127.0.0.1 -U postgres -d postgres -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'fp\_test\_%'" \
-  | while read -r db; do psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)"; done
+# Each test makes a database of its own; drop them before (left by an interrupted run) and after.
+drop_test_databases() {
+  psql -h 127.0.0.1 -U postgres -d postgres -Atc \
+    "SELECT format('DROP DATABASE IF EXISTS %I WITH (FORCE);', datname) FROM pg_database WHERE datname LIKE 'fp\\_test\\_%'" \
+    | psql -h 127.0.0.1 -U postgres -d postgres -q >/dev/null
+}
+drop_test_databases
+trap drop_test_databases EXIT
 
 if [ "${NO_COVERAGE:-0}" = "1" ]; then
   log "cargo test"

@@ -163,7 +163,7 @@ pub async fn metrics_endpoint(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Middleware: counts and times every request by method and matched route.
+/// Middleware: counts, times and logs every request by method and matched route.
 pub async fn track_http(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
@@ -184,5 +184,13 @@ pub async fn track_http(State(state): State<AppState>, req: Request, next: Next)
         .http_duration
         .with_label_values(&[&method, &route])
         .observe(ms);
+    // Access log by route template (never the raw URI: ids and query strings may identify
+    // people). Success is debug-level to keep the log quiet under load.
+    let status = response.status().as_u16();
+    match status {
+        500.. => tracing::error!(%method, %route, status, ms, "request failed"),
+        400..=499 => tracing::info!(%method, %route, status, ms, "request refused"),
+        _ => tracing::debug!(%method, %route, status, ms, "request"),
+    }
     response
 }
