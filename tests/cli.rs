@@ -32,37 +32,23 @@ async fn migrate_creates_roles_and_schema_and_is_idempotent_then_seed_loads_demo
         "fp_test_cli_{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     );
-    for _ in 0..2 {
+    let run = |args: &[&str]| {
         let mut cmd = freshplan();
         db_env(&mut cmd, &name);
-        let out = cmd.arg("migrate").output().unwrap();
+        let out = cmd.args(args).output().unwrap();
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("is migrated"));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    for _ in 0..2 {
+        assert!(run(&["migrate"]).contains("is migrated"));
     }
-    let mut cmd = freshplan();
-    db_env(&mut cmd, &name);
-    let out = cmd
-        .args(["seed", "--demo", "--leads", "1200"])
-        .output()
-        .unwrap();
+    assert!(run(&["seed", "--demo", "--leads", "1200"]).contains("1200 leads"));
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("1200 leads"));
-    let mut cmd = freshplan();
-    db_env(&mut cmd, &name);
-    let out = cmd
-        .args(["seed", "--demo", "--leads", "1200"])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("0 leads"),
+        run(&["seed", "--demo", "--leads", "1200"]).contains("0 leads"),
         "seeding twice adds nothing"
     );
 

@@ -277,15 +277,7 @@ async fn the_stream_requires_an_identity() {
         .unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
-    let openapi: Value = app
-        .client
-        .get(format!("{}/q/openapi", app.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let openapi: Value = app.public_json("/q/openapi").await;
     assert!(
         openapi["paths"]["/api/cockpit/stream"]["get"].is_object(),
         "documented in OpenAPI"

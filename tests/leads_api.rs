@@ -520,15 +520,7 @@ async fn owner_reassignment_and_activities_leave_activities_and_audit_rows() {
 #[tokio::test]
 async fn health_metrics_and_openapi_are_served() {
     let app = TestApp::spawn().await;
-    let live: Value = app
-        .client
-        .get(format!("{}/q/health/live", app.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let live: Value = app.public_json("/q/health/live").await;
     assert_eq!(live["status"], "UP");
     let ready = app
         .client
@@ -556,15 +548,7 @@ async fn health_metrics_and_openapi_are_served() {
         "routes are labelled by template, never raw ids"
     );
 
-    let doc: Value = app
-        .client
-        .get(format!("{}/q/openapi", app.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = app.public_json("/q/openapi").await;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
     for path in [
         "/api/leads",
@@ -593,15 +577,7 @@ async fn health_metrics_and_openapi_are_served() {
 #[tokio::test]
 async fn the_served_openapi_document_matches_the_committed_one() {
     let app = TestApp::spawn().await;
-    let served: Value = app
-        .client
-        .get(format!("{}/q/openapi", app.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let served: Value = app.public_json("/q/openapi").await;
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.json");
     if std::env::var_os("UPDATE_OPENAPI").is_some() {
         std::fs::write(&path, serde_json::to_string_pretty(&served).unwrap() + "\n").unwrap();

@@ -247,6 +247,17 @@ impl TestApp {
         self.get(user, path).await.json().await.unwrap()
     }
 
+    /// GET without credentials (public endpoints) and parse the JSON body.
+    pub async fn public_json(&self, path: &str) -> serde_json::Value {
+        let r = self
+            .client
+            .get(format!("{}{}", self.url, path))
+            .send()
+            .await
+            .unwrap();
+        r.json().await.unwrap()
+    }
+
     /// PATCH a lead with If-Match.
     pub async fn patch(
         &self,
