@@ -487,6 +487,18 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_documents_every_key() {
+        let readme = include_str!("../README.md");
+        for (name, _, doc) in Settings::documented_keys() {
+            assert!(!doc.is_empty());
+            assert!(
+                readme.contains(&format!("`{name}`")),
+                "README lacks `{name}`"
+            );
+        }
+    }
+
+    #[test]
     fn defaults_enable_every_feature() {
         let s = load(None, &[]).unwrap();
         assert!(s.features.lead_widget && s.features.cross_module_events && s.features.prometheus);

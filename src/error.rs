@@ -43,8 +43,6 @@ pub enum ApiError {
     },
     #[error("a live lead with this contact email already exists in the territory")]
     DuplicateContact { existing: Option<Uuid> },
-    #[error("{0}")]
-    Conflict(String),
     /// Stored contact data failed authentication or its key is not configured. The detail names
     /// the lead only; the reason (tampered, unknown key id) goes to the log, never clear text.
     #[error("the contact data of lead {lead} cannot be decrypted: it was altered or copied in the database, or its key is not configured; the lead's other fields are intact, ask an administrator to restore or re-enter the contact data")]
@@ -122,7 +120,6 @@ impl ApiError {
                 "duplicate-contact",
                 "Duplicate contact",
             ),
-            Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
             ContactDataUnreadable { .. } => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "contact-data-unreadable",

@@ -96,14 +96,6 @@ pub struct TransitionError {
 }
 
 impl LeadStatus {
-    /// Terminal statuses allow no further change.
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            LeadStatus::Converted | LeadStatus::Lost | LeadStatus::Deleted
-        )
-    }
-
     /// The table of DESIGN.md, without the role and clock rules.
     pub fn allowed_targets(self) -> &'static [LeadStatus] {
         use LeadStatus::*;
