@@ -167,19 +167,26 @@ async fn readiness_is_down_while_the_listener_is_disconnected_and_up_once_live()
     })
     .await;
     let mut su = app.db.superuser().await;
-    let mut seen_down = None;
-    for _ in 0..50 {
-        if kill_listener(&mut su).await == 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        }
+    // Exactly one kill of the live listener's connection and no more: every state seen after it
+    // belongs to the reconnect (a second kill could hit a fresh connection that reports Live
+    // for a moment before it notices).
+    assert_eq!(
+        kill_listener(&mut su).await,
+        1,
+        "one live listener connection"
+    );
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let body = loop {
         let r = app.get("admin", "/q/health/ready").await;
         if r.status() == 503 {
-            seen_down = Some(r.json::<serde_json::Value>().await.unwrap());
-            break;
+            break r.json::<serde_json::Value>().await.unwrap();
         }
-    }
-    let body = seen_down.expect("readiness went DOWN after the listener's connection was killed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readiness went DOWN after the listener's connection was killed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(body["status"], "DOWN");
     let handler = body["checks"]
         .as_array()
