@@ -286,7 +286,11 @@ async fn with_cross_module_events_off_nothing_is_consumed_until_switched_on() {
     )
     .await;
     assert_eq!(app.count("SELECT count(*) FROM inbox").await, 3);
-    assert_eq!(app.metric(&consumed(CREATED, "success")).await, 3.0);
+    // Counters follow the commit of the effect by a moment.
+    wait_until(PATIENCE, "counted as consumed", || async {
+        app.metric(&consumed(CREATED, "success")).await == 3.0
+    })
+    .await;
 }
 
 #[tokio::test]
