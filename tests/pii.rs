@@ -408,12 +408,7 @@ async fn keys_rotate_re_encrypts_every_row_while_the_service_keeps_answering() {
             .await
             .unwrap();
     let mut locker = app.db.superuser().await;
-    let mut lock_tx = locker.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM leads WHERE id = $1::uuid FOR UPDATE")
-        .bind(&held)
-        .execute(&mut *lock_tx)
-        .await
-        .unwrap();
+    let lock_tx = lock_lead(&mut locker, &held).await;
 
     let pool = app.db.app_pool().await;
     let rotation = {
@@ -530,12 +525,7 @@ async fn a_patch_during_rotation_is_not_lost() {
 
     // The PATCH holds the row (as its transaction would); rotation must wait, then re-read it.
     let mut db = app.db.superuser().await;
-    let mut edit = db.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM leads WHERE id = $1::uuid FOR UPDATE")
-        .bind(&id)
-        .execute(&mut *edit)
-        .await
-        .unwrap();
+    let mut edit = lock_lead(&mut db, &id).await;
     let pool = app.db.app_pool().await;
     let rotation =
         tokio::spawn(async move { freshplan::pii::rotate::rotate(&pool, &vault, 10).await });
@@ -713,4 +703,18 @@ async fn bulk_reads_of_more_than_100_decrypted_leads_are_audited() {
         audited(&app).await,
         vec![("admin".to_string(), "admin".to_string(), n)]
     );
+}
+
+/// Holds a lead's row lock as an edit in flight would, until the returned transaction ends.
+async fn lock_lead<'c>(
+    conn: &'c mut sqlx::PgConnection,
+    id: &str,
+) -> sqlx::Transaction<'c, sqlx::Postgres> {
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM leads WHERE id = $1::uuid FOR UPDATE")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
 }

@@ -454,6 +454,32 @@ fn label_type(t: &str) -> &'static str {
         .unwrap_or("unknown")
 }
 
+/// Rows after the durable cursor with a position above `high`, matching `condition`, in `order`.
+/// The two scans differ only in those three: see [`fetch_stable`] and [`fetch_fresh`].
+async fn fetch_after(
+    pool: &PgPool,
+    after: Cursor,
+    high: i64,
+    condition: &str,
+    order: &str,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    let mut tx = db::begin_as(pool, &Principal::system()).await?;
+    let rows = sqlx::query_as(&format!(
+        "SELECT {ROW_COLUMNS} FROM outbox \
+         WHERE (txid, position) > ($1::bigint::text::xid8, $2) AND position > $3 AND {condition} \
+         ORDER BY {order} LIMIT $4"
+    ))
+    .bind(after.txid)
+    .bind(after.position)
+    .bind(high)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
 /// Reads up to `limit` rows after the durable cursor that belong to finished transactions, in
 /// cursor order (see `listener` for why this bound makes the cursor safe).
 pub async fn fetch_stable(
@@ -461,20 +487,9 @@ pub async fn fetch_stable(
     after: Cursor,
     limit: i64,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    let mut tx = db::begin_as(pool, &Principal::system()).await?;
-    let rows = sqlx::query_as(&format!(
-        "SELECT {ROW_COLUMNS} FROM outbox \
-         WHERE (txid, position) > ($1::bigint::text::xid8, $2) \
-           AND txid < pg_snapshot_xmin(pg_current_snapshot()) \
-         ORDER BY txid, position LIMIT $3"
-    ))
-    .bind(after.txid)
-    .bind(after.position)
-    .bind(limit)
-    .fetch_all(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(rows)
+    // Positions start at 1, so `position > 0` holds for every row.
+    let finished = "txid < pg_snapshot_xmin(pg_current_snapshot())";
+    fetch_after(pool, after, 0, finished, "txid, position", limit).await
 }
 
 /// Reads up to `limit` committed rows with a position above `high` that lie beyond the durable
@@ -485,20 +500,7 @@ pub async fn fetch_fresh(
     after: Cursor,
     limit: i64,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    let mut tx = db::begin_as(pool, &Principal::system()).await?;
-    let rows = sqlx::query_as(&format!(
-        "SELECT {ROW_COLUMNS} FROM outbox \
-         WHERE position > $1 AND (txid, position) > ($2::bigint::text::xid8, $3) \
-         ORDER BY position LIMIT $4"
-    ))
-    .bind(high)
-    .bind(after.txid)
-    .bind(after.position)
-    .bind(limit)
-    .fetch_all(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(rows)
+    fetch_after(pool, after, high, "true", "position", limit).await
 }
 
 /// The durable cursor of [`CONSUMER`] (the start when it never ran).
