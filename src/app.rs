@@ -1,10 +1,12 @@
-//! Application state, the router that mounts every context, and the server lifecycle.
+//! The composition root: application state, the router that mounts every context, and the
+//! server lifecycle. No other module imports this one.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::routing::get;
 use axum::Router;
 use sqlx::PgPool;
@@ -13,21 +15,30 @@ use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::OpenApi;
 
 use crate::auth::jwt::Authenticator;
+use crate::cockpit::cache::WidgetCache;
+use crate::cockpit::projection::DailyEvents;
 use crate::config::Settings;
 use crate::error::ApiError;
-use crate::events::consumer::{CacheInvalidation, CockpitCache, DedupeCache};
+use crate::events::consumer::Dispatcher;
+use crate::events::dedupe::DedupeCache;
 use crate::events::hub::Hub;
-use crate::events::Publisher;
+use crate::events::{EventsState, Publisher};
+use crate::leads::service::LeadService;
+use crate::leads::LeadsState;
 use crate::pii::Vault;
-use crate::telemetry::health::ListenerHealth;
+use crate::telemetry::health::{ListenerHealth, ProbePool};
 use crate::telemetry::metrics::{self, Metrics};
 use crate::{auth, db, events, leads, telemetry};
 
-/// Everything a handler needs; cheap to clone.
-#[derive(Clone)]
+/// Everything of one instance; cheap to clone. Only this module knows the whole of it: each
+/// context gets the parts it needs (its own state type, or single parts through `FromRef`).
+#[derive(Clone, FromRef)]
 pub struct AppState {
     pub settings: Arc<Settings>,
+    /// The request pool (as the application role).
     pub pool: PgPool,
+    /// The readiness probe's own connection.
+    pub probe: ProbePool,
     pub auth: Arc<Authenticator>,
     pub vault: Arc<Vault>,
     pub metrics: Arc<Metrics>,
@@ -35,10 +46,12 @@ pub struct AppState {
     pub listener_health: Arc<ListenerHealth>,
     /// Open SSE subscribers of this instance.
     pub hub: Arc<Hub>,
-    /// Keys this instance recently saw processed (in front of the inbox).
+    /// Keys this instance recently saw processed (in front of the inboxes).
     pub dedupe: Arc<DedupeCache>,
-    /// Widget cache invalidated by every consumed event.
-    pub cockpit_cache: Arc<dyn CacheInvalidation>,
+    /// The lead-widget cache of this instance, invalidated by every consumed event.
+    pub widget_cache: Arc<WidgetCache>,
+    /// The leads use cases.
+    pub leads: LeadService,
 }
 
 impl AppState {
@@ -51,26 +64,46 @@ impl AppState {
     ) -> anyhow::Result<Self> {
         let pool = db::connect(&settings.database_url, settings.pool_size, "freshplan").await?;
         db::check_runtime_role(&pool).await?;
+        let probe = ProbePool(db::connect(&settings.database_url, 1, "freshplan-health").await?);
         let metrics = Arc::new(Metrics::new());
-        let publisher = Publisher::new(settings.allow_unauthenticated_publisher, metrics.clone());
+        let publisher = Publisher::new(metrics.clone());
         let hub = Hub::new(settings.events.sse_queue_size, metrics.clone());
         let dedupe = Arc::new(DedupeCache::new(
             settings.events.dedupe_cache_size,
             metrics.clone(),
         ));
-        let cockpit_cache = Arc::new(CockpitCache::new(metrics.clone()));
+        let widget_cache = Arc::new(WidgetCache::new(metrics.clone()));
+        let vault = Arc::new(vault);
+        let leads = LeadService {
+            pool: pool.clone(),
+            vault: vault.clone(),
+            publisher: publisher.clone(),
+        };
         Ok(AppState {
             settings: Arc::new(settings),
             pool,
+            probe,
             auth: Arc::new(auth),
-            vault: Arc::new(vault),
+            vault,
             metrics,
             publisher,
             listener_health: Arc::new(ListenerHealth::default()),
             hub,
             dedupe,
-            cockpit_cache,
+            widget_cache,
+            leads,
         })
+    }
+
+    /// The event dispatcher of this instance: the durable consumers and the local effects.
+    pub fn dispatcher(&self) -> Dispatcher {
+        Dispatcher::new(
+            vec![Arc::new(DailyEvents)],
+            vec![self.widget_cache.clone()],
+            self.hub.clone(),
+            self.dedupe.clone(),
+            self.metrics.clone(),
+        )
     }
 }
 
@@ -138,19 +171,37 @@ async fn not_found() -> ApiError {
 
 /// The router with every context mounted.
 pub fn router(state: AppState) -> Router {
+    let leads = LeadsState {
+        auth: state.auth.clone(),
+        service: state.leads.clone(),
+        allow_unauthenticated: state.settings.allow_unauthenticated_publisher,
+    };
+    let events = EventsState {
+        auth: state.auth.clone(),
+        pool: state.pool.clone(),
+        hub: state.hub.clone(),
+        keepalive: Duration::from_secs(state.settings.events.sse_keepalive_seconds.max(1)),
+    };
     let mut api = Router::new()
-        .merge(leads::router())
-        .merge(events::router())
+        .merge(leads::router(leads))
+        .merge(events::router(events))
         .route("/q/health/live", get(telemetry::health::live))
         .route("/q/health/ready", get(telemetry::health::ready))
-        .route("/q/metrics", get(metrics::metrics_endpoint))
         .route("/q/openapi", get(openapi));
+    api = if state.settings.features.prometheus {
+        api.route("/q/metrics", get(metrics::metrics_endpoint))
+    } else {
+        api.route("/q/metrics", get(metrics::metrics_disabled))
+    };
     if state.settings.dev_login {
-        api = api.merge(auth::dev_login::router());
+        api = api.merge(auth::dev_login::router(auth::dev_login::DevLoginState {
+            pool: state.pool.clone(),
+            auth: state.auth.clone(),
+        }));
     }
     api.fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            state.metrics.clone(),
             metrics::track_http,
         ))
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
@@ -178,7 +229,15 @@ impl Server {
             .await
             .with_context(|| format!("cannot bind {bind}"))?;
         let addr = listener.local_addr()?;
-        let background = events::Background::start(&state).await?;
+        let background = events::Background::start(
+            &state.settings,
+            &state.pool,
+            &state.publisher,
+            state.dispatcher(),
+            state.listener_health.clone(),
+            state.hub.clone(),
+        )
+        .await?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let app = router(state.clone());
         let http = tokio::spawn(async move {
@@ -222,5 +281,6 @@ impl Server {
             }
         }
         self.state.pool.close().await;
+        self.state.probe.0.close().await;
     }
 }

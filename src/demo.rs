@@ -8,9 +8,11 @@ use rand::{Rng, SeedableRng};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::auth::{Principal, Role};
 use crate::db;
+use crate::identity::{Principal, Role};
 use crate::leads::domain::{ActivityType, BusinessType, LeadSource, LeadStatus};
+use crate::leads::model::{NewActivity, PatchLead};
+use crate::leads::service::LeadService;
 use crate::pii::{normalize_email, normalize_phone, PiiField, Vault};
 use crate::territory::Territory;
 
@@ -446,85 +448,66 @@ impl ActivityColumns {
 }
 
 /// Keeps the demo moving: every few seconds a demo sales user logs an activity on one of their
-/// leads, or moves a fresh lead on, through the same handlers the API uses (events included).
-pub fn spawn_live_activity(state: crate::app::AppState) -> tokio::task::JoinHandle<()> {
-    use crate::auth::MaybePrincipal;
-    use crate::error::AppJson;
-    use crate::leads::http;
-    use crate::leads::model::{NewActivity, PatchLead};
-    use axum::extract::{Path, State};
-
+/// leads, or moves a fresh lead on, through the leads service the API uses (events included).
+pub fn spawn_live_activity(leads: LeadService) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut rng = StdRng::from_entropy();
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(3));
         loop {
             tick.tick().await;
-            let (id, ..) = pick(&mut rng, &USERS[4..10]);
-            let Some(p) = principal(id) else { continue };
-            let lead: Result<Option<(Uuid, String, i64)>, _> = async {
-                let mut tx = db::begin_as(&state.pool, &p).await?;
-                let row = sqlx::query_as(
-                    "SELECT id, status, version FROM leads WHERE owner_user_id = $1 \
-                     AND status IN ('REGISTERED', 'ACTIVE', 'REMINDER') ORDER BY random() LIMIT 1",
-                )
-                .bind(&p.user_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                Ok::<_, sqlx::Error>(row)
-            }
-            .await;
-            let Ok(Some((lead, status, version))) = lead else {
-                continue;
-            };
-            let result = if status == "REGISTERED" && rng.gen_bool(0.3) {
-                let mut headers = axum::http::HeaderMap::new();
-                headers.insert(
-                    axum::http::header::IF_MATCH,
-                    format!("\"{version}\"").parse().expect("digits"),
-                );
-                let body = PatchLead {
-                    status: Some(LeadStatus::Active),
-                    ..Default::default()
-                };
-                http::patch_lead(
-                    State(state.clone()),
-                    MaybePrincipal(Some(p)),
-                    Path(lead.to_string()),
-                    headers,
-                    AppJson(body),
-                )
-                .await
-                .map(|_| ())
-            } else {
-                let kind = pick(
-                    &mut rng,
-                    &[
-                        ActivityType::Call,
-                        ActivityType::Email,
-                        ActivityType::Meeting,
-                        ActivityType::EmailReceived,
-                        ActivityType::Note,
-                    ],
-                );
-                let body = NewActivity {
-                    activity_type: kind,
-                    description: None,
-                    occurred_at: None,
-                    outcome: None,
-                };
-                http::add_activity(
-                    State(state.clone()),
-                    MaybePrincipal(Some(p)),
-                    Path(lead.to_string()),
-                    AppJson(body),
-                )
-                .await
-                .map(|_| ())
-            };
-            if let Err(e) = result {
+            if let Err(e) = live_step(&leads, &mut rng).await {
                 tracing::debug!(error = %e, "demo activity skipped");
             }
         }
     })
+}
+
+/// One step of the demo's life: a random demo sales user moves a registered lead on or logs an
+/// activity on one of their open leads. Returns what it did (`None` when the user had no lead).
+pub async fn live_step(
+    leads: &LeadService,
+    rng: &mut StdRng,
+) -> Result<Option<&'static str>, crate::error::ApiError> {
+    let (id, ..) = pick(rng, &USERS[4..10]);
+    let Some(p) = principal(id) else {
+        return Ok(None);
+    };
+    let mut tx = db::begin_as(&leads.pool, &p).await?;
+    let lead: Option<(Uuid, LeadStatus, i64)> = sqlx::query_as(
+        "SELECT id, status, version FROM leads WHERE owner_user_id = $1 \
+         AND status IN ('REGISTERED', 'ACTIVE', 'REMINDER') ORDER BY random() LIMIT 1",
+    )
+    .bind(&p.user_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let Some((lead, status, version)) = lead else {
+        return Ok(None);
+    };
+    if status == LeadStatus::Registered && rng.gen_bool(0.3) {
+        let body = PatchLead {
+            status: Some(LeadStatus::Active),
+            ..Default::default()
+        };
+        leads.patch(&p, lead, version, body).await?;
+        return Ok(Some("status"));
+    }
+    let kind = pick(
+        rng,
+        &[
+            ActivityType::Call,
+            ActivityType::Email,
+            ActivityType::Meeting,
+            ActivityType::EmailReceived,
+            ActivityType::Note,
+        ],
+    );
+    let body = NewActivity {
+        activity_type: kind,
+        description: None,
+        occurred_at: None,
+        outcome: None,
+    };
+    leads.add_activity(&p, lead, body).await?;
+    Ok(Some("activity"))
 }

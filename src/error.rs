@@ -47,8 +47,13 @@ pub enum ApiError {
     /// the lead only; the reason (tampered, unknown key id) goes to the log, never clear text.
     #[error("the contact data of lead {lead} cannot be decrypted: it was altered or copied in the database, or its key is not configured; the lead's other fields are intact, ask an administrator to restore or re-enter the contact data")]
     ContactDataUnreadable { lead: Uuid, reason: String },
+    #[error("{0}")]
+    Conflict(String),
     #[error("service unavailable: {0}")]
     Unavailable(String),
+    /// A serialization failure or deadlock that persisted after one retry.
+    #[error("the change collided with concurrent changes; retry shortly")]
+    Contention,
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -125,10 +130,16 @@ impl ApiError {
                 "contact-data-unreadable",
                 "Contact data unreadable",
             ),
+            Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
             Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 "Service unavailable",
+            ),
+            Contention => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "contention",
+                "Concurrent change",
             ),
             Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -136,6 +147,12 @@ impl ApiError {
                 "Internal error",
             ),
         }
+    }
+
+    /// True for a failure that the same request may not meet again (serialization failure,
+    /// deadlock): worth one retry of the whole transaction.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ApiError::Contention)
     }
 
     /// Shorthand for an invalid field with a message naming it.
@@ -176,10 +193,14 @@ impl IntoResponse for ApiError {
         };
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = (status, body).into_response();
-        response.headers_mut().insert(
+        let headers = response.headers_mut();
+        headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         response
     }
 }
@@ -207,12 +228,48 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+/// Database errors mapped by cause (SQLSTATE), so a refusal or a conflict the database detects
+/// answers like the same refusal detected in Rust. Messages name the constraint, never a value
+/// (a value could be contact data).
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        if let sqlx::Error::PoolTimedOut = e {
-            return ApiError::Unavailable("database connections exhausted, retry shortly".into());
+        let db = match &e {
+            sqlx::Error::PoolTimedOut => {
+                return ApiError::Unavailable(
+                    "database connections exhausted, retry shortly".into(),
+                )
+            }
+            sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+                return ApiError::Unavailable("the database is unreachable, retry shortly".into())
+            }
+            sqlx::Error::Database(db) => db,
+            _ => return ApiError::Internal(e.into()),
+        };
+        let code = db.code().unwrap_or_default();
+        let constraint = db.constraint().unwrap_or("a constraint").to_string();
+        match code.as_ref() {
+            // insufficient_privilege: row-level security refused the row.
+            "42501" => ApiError::Forbidden(
+                "the change is outside what your role, territory or ownership allows".into(),
+            ),
+            // serialization_failure, deadlock_detected: the caller retries once.
+            "40001" | "40P01" => ApiError::Contention,
+            "23505" if constraint == "leads_email_unique" => {
+                ApiError::DuplicateContact { existing: None }
+            }
+            "23505" => ApiError::Conflict(format!(
+                "the change conflicts with an existing record ({constraint})"
+            )),
+            // check, not-null and foreign-key violations, too long or malformed values.
+            "23514" | "23502" | "23503" | "22001" | "22P02" | "22007" | "22008" | "22003" => {
+                ApiError::InvalidField(format!("a value is not acceptable (violates {constraint})"))
+            }
+            // connection exceptions, shutdown in progress, too many connections.
+            c if c.starts_with("08") || c.starts_with("57P") || c == "53300" => {
+                ApiError::Unavailable("the database is unavailable, retry shortly".into())
+            }
+            _ => ApiError::Internal(e.into()),
         }
-        ApiError::Internal(e.into())
     }
 }
 

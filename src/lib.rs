@@ -5,11 +5,13 @@
 
 pub mod app;
 pub mod auth;
+pub mod cockpit;
 pub mod config;
 pub mod db;
 pub mod demo;
 pub mod error;
 pub mod events;
+pub mod identity;
 pub mod leads;
 pub mod pii;
 pub mod telemetry;

@@ -165,7 +165,7 @@ async fn serve(config: Option<&Path>, bind: &str, demo_mode: bool) -> anyhow::Re
         );
     }
     let server = Server::start(state, bind).await?;
-    let live = demo_mode.then(|| demo::spawn_live_activity(server.state.clone()));
+    let live = demo_mode.then(|| demo::spawn_live_activity(server.state.leads.clone()));
     if demo_mode {
         eprintln!(
             "FreshPlan Leads demo on {}/  — log in at {}/login, or: freshplan token --user sales-de-1 --role sales --territory DE",

@@ -10,8 +10,9 @@ use chrono::{DateTime, Utc};
 use common::*;
 use freshplan::auth::Principal;
 use freshplan::db;
-use freshplan::events::consumer::{self, Consumer, Cursor, Outcome};
+use freshplan::events::consumer::Outcome;
 use freshplan::events::envelope::{self, Audience, EventType, NewEvent};
+use freshplan::events::outbox::Cursor;
 use freshplan::events::{outbox, retention};
 use freshplan::territory::Territory;
 use serde_json::json;
@@ -188,9 +189,9 @@ async fn two_transactions_that_commit_out_of_order_are_both_processed() {
     );
 
     let mut tx_a = db::begin_as(&pool, &p).await.unwrap();
-    assert!(outbox::append(&mut tx_a, &ev_a).await.unwrap());
+    assert!(outbox::append(&mut tx_a, &ev_a).await.unwrap().is_some());
     let mut tx_b = db::begin_as(&pool, &p).await.unwrap();
-    assert!(outbox::append(&mut tx_b, &ev_b).await.unwrap());
+    assert!(outbox::append(&mut tx_b, &ev_b).await.unwrap().is_some());
     tx_b.commit().await.unwrap();
 
     wait_until(PATIENCE, "B processed while A is open", || async {
@@ -227,17 +228,21 @@ async fn the_same_envelope_delivered_twice_is_processed_once_even_across_a_resta
     let mut app = TestApp::spawn_with(&off).await;
     app.create_lead("sales-de-1", TestApp::lead_body("Kantine Nord"))
         .await;
-    let rows = consumer::fetch_fresh(&app.state().pool, 0, Cursor::default(), 100)
+    let rows = outbox::fetch_fresh(&app.state().pool, 0, Cursor::default(), 100)
         .await
         .unwrap();
     assert_eq!(rows.len(), 1);
-    let c = Consumer::new(app.state());
+    let c = app.state().dispatcher();
     assert_eq!(
-        c.process(&rows, Instant::now(), None).await.unwrap(),
+        c.process(&app.state().pool, &rows, Instant::now(), None)
+            .await
+            .unwrap(),
         vec![Outcome::Success]
     );
     assert_eq!(
-        c.process(&rows, Instant::now(), None).await.unwrap(),
+        c.process(&app.state().pool, &rows, Instant::now(), None)
+            .await
+            .unwrap(),
         vec![Outcome::Duplicate]
     );
     assert_eq!(app.projected_events().await, 1);
@@ -251,9 +256,11 @@ async fn the_same_envelope_delivered_twice_is_processed_once_even_across_a_resta
         app.metric(&consumed(CREATED, "duplicate")).await == 1.0
     })
     .await;
-    let c = Consumer::new(app.state());
+    let c = app.state().dispatcher();
     assert_eq!(
-        c.process(&rows, Instant::now(), None).await.unwrap(),
+        c.process(&app.state().pool, &rows, Instant::now(), None)
+            .await
+            .unwrap(),
         vec![Outcome::Duplicate]
     );
     assert_eq!(app.metric(&consumed(CREATED, "success")).await, 0.0);

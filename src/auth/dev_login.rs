@@ -8,8 +8,13 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde::Deserialize;
 
+use std::sync::Arc;
+
+use axum::extract::FromRef;
+use sqlx::PgPool;
+
+use super::jwt::Authenticator;
 use super::{Principal, Role, SESSION_COOKIE};
-use crate::app::AppState;
 use crate::db;
 use crate::error::{ApiError, ApiResult, AppJson};
 
@@ -17,13 +22,21 @@ use crate::error::{ApiError, ApiResult, AppJson};
 const SESSION_SECONDS: u64 = 8 * 3600;
 
 /// Routes, mounted only when the development login is on.
-pub fn router() -> Router<AppState> {
+pub fn router<S: Clone + Send + Sync + 'static>(state: DevLoginState) -> Router<S> {
     Router::new()
         .route("/login", get(page))
         .route("/api/dev/login", post(login))
+        .with_state(state)
 }
 
-async fn users(state: &AppState) -> ApiResult<Vec<(String, String, String, String)>> {
+/// What the development login needs.
+#[derive(Clone, FromRef)]
+pub struct DevLoginState {
+    pub pool: PgPool,
+    pub auth: Arc<Authenticator>,
+}
+
+async fn users(state: &DevLoginState) -> ApiResult<Vec<(String, String, String, String)>> {
     let mut tx = db::begin_as(&state.pool, &Principal::system()).await?;
     let rows =
         sqlx::query_as("SELECT id, name, role, territory FROM users ORDER BY territory, role, id")
@@ -33,7 +46,7 @@ async fn users(state: &AppState) -> ApiResult<Vec<(String, String, String, Strin
     Ok(rows)
 }
 
-async fn page(State(state): State<AppState>) -> ApiResult<Html<String>> {
+async fn page(State(state): State<DevLoginState>) -> ApiResult<Html<String>> {
     let mut items = String::new();
     for (id, name, role, territory) in users(&state).await? {
         items.push_str(&format!(
@@ -56,7 +69,7 @@ struct LoginRequest {
 }
 
 async fn login(
-    State(state): State<AppState>,
+    State(state): State<DevLoginState>,
     AppJson(body): AppJson<LoginRequest>,
 ) -> ApiResult<Response> {
     let user = users(&state)

@@ -25,6 +25,20 @@
 //! therefore not lost, and a ring lost to a crash or a dropped connection is covered by the poll.
 //! On any error the state becomes `Disconnected`, the connection is dropped and re-established
 //! with exponential backoff (capped at 5 s), and catch-up runs again.
+//!
+//! # Its own connections
+//!
+//! The listener never borrows from the request pool: LISTEN runs on one connection and the scans
+//! and durable effects on a second, both opened per session. When HTTP load exhausts the request
+//! pool, events keep flowing and readiness stays UP.
+//!
+//! # Resuming after a reconnect
+//!
+//! The durable cursor is loaded from the database once, when the instance starts. After a
+//! reconnect the instance resumes from its own in-memory cursor, not from the shared durable one:
+//! another instance may have advanced that past rows this instance never handed to its own SSE
+//! subscribers, and reloading it would skip them silently. Re-reading rows another instance
+//! already applied is harmless (the inboxes say `duplicate`; the per-instance effects still run).
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
@@ -35,7 +49,10 @@ use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::consumer::{self, Consumer, Cursor, OutboxRow};
+use sqlx::PgPool;
+
+use super::consumer::Dispatcher;
+use super::outbox::{self, Cursor, OutboxRow};
 use crate::telemetry::health::{ListenerHealth, ListenerState};
 
 /// The doorbell channel.
@@ -43,6 +60,9 @@ pub const CHANNEL: &str = "dashboard_updates";
 
 /// `application_name` of the listener connection (operators and tests find it by this name).
 pub const APPLICATION_NAME: &str = "freshplan-listener";
+
+/// `application_name` of the listener's scan-and-apply connection.
+pub const SCAN_APPLICATION_NAME: &str = "freshplan-listener-scan";
 
 /// Rows read per scan.
 pub const BATCH: i64 = 1000;
@@ -53,7 +73,7 @@ const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// Everything the listener task needs.
 pub struct Listener {
     pub database_url: String,
-    pub consumer: Consumer,
+    pub dispatcher: Dispatcher,
     pub health: Arc<ListenerHealth>,
     /// In-process wake after a local commit (no database round trip).
     pub wake: Arc<Notify>,
@@ -62,8 +82,11 @@ pub struct Listener {
 
 /// The scan state that survives reconnects.
 struct Scanner {
-    consumer: Consumer,
-    cursor: Cursor,
+    dispatcher: Dispatcher,
+    /// The listener's own scan-and-apply connection of the current session.
+    pool: Option<PgPool>,
+    /// This instance's cursor; `None` until loaded from the database at the first session.
+    cursor: Option<Cursor>,
     /// Highest position the fresh scan has read.
     high: i64,
     /// Rows beyond the durable cursor this instance already handled.
@@ -83,14 +106,14 @@ impl Scanner {
             .filter(|r| !self.handled.contains(&Cursor::at(r)))
             .cloned()
             .collect();
-        self.consumer.received(&todo);
-        self.consumer
-            .process(&todo, received, advance_to)
+        self.dispatcher.received(&todo);
+        self.dispatcher
+            .process(self.pool()?, &todo, received, advance_to)
             .await
             .context("consuming outbox rows")?;
         self.handled.extend(todo.iter().map(Cursor::at));
         if let Some(c) = advance_to {
-            self.cursor = c;
+            self.cursor = Some(c);
             // Neither scan reads at or below the cursor again.
             self.handled = self.handled.split_off(&Cursor {
                 txid: c.txid,
@@ -100,9 +123,17 @@ impl Scanner {
         Ok(())
     }
 
+    fn pool(&self) -> anyhow::Result<&PgPool> {
+        self.pool.as_ref().context("the listener has no connection")
+    }
+
+    fn cursor(&self) -> Cursor {
+        self.cursor.unwrap_or_default()
+    }
+
     /// One stable batch; returns the number of rows read.
     async fn stable(&mut self) -> anyhow::Result<usize> {
-        let rows = consumer::fetch_stable(self.consumer.pool(), self.cursor, BATCH)
+        let rows = outbox::fetch_stable(self.pool()?, self.cursor(), BATCH)
             .await
             .context("reading the outbox")?;
         let Some(last) = rows.last().map(Cursor::at) else {
@@ -112,14 +143,14 @@ impl Scanner {
             .iter()
             .find(|r| !self.handled.contains(&Cursor::at(r)))
             .map(|r| r.created_at);
-        self.consumer.set_lag(oldest);
+        self.dispatcher.set_lag(oldest);
         self.handle(&rows, Some(last)).await?;
         Ok(rows.len())
     }
 
     /// One fresh batch; returns the number of rows read.
     async fn fresh(&mut self) -> anyhow::Result<usize> {
-        let rows = consumer::fetch_fresh(self.consumer.pool(), self.high, self.cursor, BATCH)
+        let rows = outbox::fetch_fresh(self.pool()?, self.high, self.cursor(), BATCH)
             .await
             .context("reading the outbox")?;
         let Some(max) = rows.iter().map(|r| r.position).max() else {
@@ -134,7 +165,7 @@ impl Scanner {
     async fn drain(&mut self) -> anyhow::Result<()> {
         while self.stable().await? as i64 == BATCH {}
         while self.fresh().await? as i64 == BATCH {}
-        self.consumer.set_lag(None);
+        self.dispatcher.set_lag(None);
         Ok(())
     }
 }
@@ -143,8 +174,9 @@ impl Listener {
     /// Runs until `stop` turns true.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut scanner = Scanner {
-            consumer: self.consumer.clone(),
-            cursor: Cursor::default(),
+            dispatcher: self.dispatcher.clone(),
+            pool: None,
+            cursor: None,
             high: 0,
             handled: BTreeSet::new(),
         };
@@ -179,19 +211,32 @@ impl Listener {
         let options = PgConnectOptions::from_str(&self.database_url)
             .context("invalid database URL")?
             .application_name(APPLICATION_NAME);
-        // A pool of one, detached from the runtime pool: the listener never competes with
-        // requests for a connection, and dropping it closes the connection.
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .max_lifetime(None)
-            .idle_timeout(None)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+        // Connections detached from the runtime pool: LISTEN on one, scans and durable effects
+        // on another (`freshplan-listener-scan`), so the listener never competes with requests
+        // for a connection; closing the pools closes them.
+        let detached = |name: &str| {
+            PgPoolOptions::new()
+                .max_connections(1)
+                .max_lifetime(None)
+                .idle_timeout(None)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(options.clone().application_name(name))
+        };
+        let pool = detached(APPLICATION_NAME)
             .await
             .context("connecting the listener")?;
+        let scan_pool = detached(SCAN_APPLICATION_NAME)
+            .await
+            .context("connecting the listener's scan connection")?;
         let mut listener = PgListener::connect_with(&pool)
             .await
             .context("connecting the listener")?;
+        let backend_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut listener)
+            .await
+            .context("connecting the listener")?;
+        self.health.set_backend_pid(backend_pid);
+        scanner.pool = Some(scan_pool.clone());
         listener.eager_reconnect(false);
         listener
             .listen(CHANNEL)
@@ -210,6 +255,8 @@ impl Listener {
         });
         let result = self.serve(scanner, stop, backoff, &mut rings).await;
         reader.abort();
+        scanner.pool = None;
+        scan_pool.close().await;
         pool.close().await;
         result
     }
@@ -222,13 +269,18 @@ impl Listener {
         rings: &mut mpsc::Receiver<()>,
     ) -> anyhow::Result<()> {
         self.health.set(ListenerState::CatchingUp);
-        scanner.cursor = consumer::load_cursor(scanner.consumer.pool())
-            .await
-            .context("loading the durable cursor")?;
+        if scanner.cursor.is_none() {
+            let names = scanner.dispatcher.consumer_names();
+            scanner.cursor = Some(
+                outbox::load_min_cursor(scanner.pool()?, &names)
+                    .await
+                    .context("loading the durable cursor")?,
+            );
+        }
         let started = Instant::now();
         scanner.drain().await?;
         tracing::info!(
-            cursor_position = scanner.cursor.position,
+            cursor_position = scanner.cursor().position,
             took_ms = started.elapsed().as_millis() as u64,
             "event listener live"
         );

@@ -1,8 +1,10 @@
 //! Event distribution: envelope and keys, the transactional outbox, the publisher that wakes
-//! consumers after commit, the background work of an instance (doorbell, listener, retention),
-//! and the endpoints: full envelopes by reference and the SSE stream.
+//! consumers after commit, the consumer trait and dispatcher, the background work of an instance
+//! (doorbell, listener, retention), and the endpoints: full envelopes by reference and the SSE
+//! stream.
 
 pub mod consumer;
+pub mod dedupe;
 pub mod doorbell;
 pub mod envelope;
 pub mod hub;
@@ -12,29 +14,33 @@ pub mod retention;
 pub mod sse;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{FromRef, Path, State};
 use axum::routing::get;
 use axum::Router;
 use serde_json::Value;
+use sqlx::PgPool;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::app::AppState;
-use crate::auth::{MaybePrincipal, Principal, Role};
+use crate::auth::jwt::Authenticator;
+use crate::auth::Principal;
+use crate::config::Settings;
 use crate::db::{self, Tx};
 use crate::error::{ApiError, ApiResult, AppJson};
+use crate::telemetry::health::{ListenerHealth, ListenerState};
 use crate::telemetry::metrics::Metrics;
-use envelope::{EventType, NewEvent};
+use envelope::NewEvent;
 
 /// Module label of this service's metrics.
 pub const MODULE: &str = "lead-management";
 
-/// Publishes events: checks the publisher, appends to the outbox in the caller's transaction and,
-/// after commit, wakes in-process consumers (the doorbell for other instances rings from there).
+/// Publishes events: appends them to the outbox in the caller's transaction and, after commit,
+/// wakes in-process consumers (the doorbell for other instances rings from there). Who may make
+/// a change is decided before, by the context's service; the publisher only counts refusals.
 #[derive(Clone)]
 pub struct Publisher {
-    allow_unauthenticated: bool,
     metrics: Arc<Metrics>,
     /// Signalled after every commit that wrote events; the doorbell waits on it (`Notify`
     /// coalesces bursts into one ring).
@@ -45,63 +51,45 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// A publisher; `allow_unauthenticated` is `freshplan.security.allow-unauthenticated-publisher`.
-    pub fn new(allow_unauthenticated: bool, metrics: Arc<Metrics>) -> Self {
+    /// A publisher counting into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
         Publisher {
-            allow_unauthenticated,
             metrics,
             committed: Arc::new(Notify::new()),
             wake_local: Arc::new(Notify::new()),
         }
     }
 
-    fn count(&self, event_type: &str, result: &str) {
+    /// Counts one publish attempt of `event_type` with `result` (e.g. `denied`,
+    /// `unauthenticated` for a change refused before it reached the outbox).
+    pub fn count(&self, event_type: &str, result: &str) {
         self.metrics
             .events_published
             .with_label_values(&[event_type, MODULE, result])
             .inc();
     }
 
-    /// The principal a change publishes as, if it may make the change at all. Without a principal
-    /// the change is refused (401) and counted `unauthenticated`, unless unauthenticated
-    /// publishing is allowed (tests only), in which case it acts as the system principal. A role
-    /// outside `allowed` is refused (403) and counted `denied`.
-    pub fn authorize(
-        &self,
-        caller: MaybePrincipal,
-        event_type: EventType,
-        allowed: &[Role],
-        action: &str,
-    ) -> ApiResult<Principal> {
-        let principal = match caller.0 {
-            Some(p) => p,
-            None if self.allow_unauthenticated => Principal::system(),
-            None => {
-                self.count(event_type.as_str(), "unauthenticated");
-                return Err(ApiError::Unauthenticated);
-            }
-        };
-        principal.require(allowed, action).inspect_err(|_| {
-            self.count(event_type.as_str(), "denied");
-        })?;
-        Ok(principal)
-    }
-
     /// Appends the events to the outbox in the business transaction and commits it; then counts
-    /// them and wakes the consumers. If the append or the commit fails, nothing was published
-    /// (the transaction rolled back) and the events are counted `failure`.
-    pub async fn commit(&self, mut tx: Tx, events: &[NewEvent]) -> Result<(), sqlx::Error> {
+    /// them and wakes the consumers. Returns the highest outbox position written (0 when there
+    /// were no events), which read-your-writes clients wait for. If the append or the commit
+    /// fails, nothing was published (the transaction rolled back) and the events are counted
+    /// `failure`.
+    pub async fn commit(&self, mut tx: Tx, events: &[NewEvent]) -> Result<i64, sqlx::Error> {
         let written = async {
+            let mut position = 0;
             for ev in events {
-                outbox::append(&mut tx, ev).await?;
+                if let Some(p) = outbox::append(&mut tx, ev).await? {
+                    position = position.max(p);
+                }
             }
-            tx.commit().await
+            tx.commit().await?;
+            Ok(position)
         }
         .await;
         match written {
-            Ok(()) => {
+            Ok(position) => {
                 self.committed(events);
-                Ok(())
+                Ok(position)
             }
             Err(e) => {
                 for ev in events {
@@ -133,11 +121,22 @@ impl Publisher {
     }
 }
 
+/// What the event endpoints need.
+#[derive(Clone, FromRef)]
+pub struct EventsState {
+    pub auth: Arc<Authenticator>,
+    pub pool: PgPool,
+    pub hub: Arc<hub::Hub>,
+    /// Interval of SSE keep-alive comments.
+    pub keepalive: Duration,
+}
+
 /// Routes of this context.
-pub fn router() -> Router<AppState> {
+pub fn router<S: Clone + Send + Sync + 'static>(state: EventsState) -> Router<S> {
     Router::new()
         .route("/api/events/{key}", get(get_event))
         .route("/api/cockpit/stream", get(sse::stream))
+        .with_state(state)
 }
 
 /// The full envelope behind a truncation stub; 404 outside the event's audience.
@@ -145,14 +144,14 @@ pub fn router() -> Router<AppState> {
     params(("key" = Uuid, Path, description = "idempotency key of the event")),
     responses((status = 200, description = "CloudEvents 1.0 envelope"), (status = 404, description = "unknown or not in the caller's audience")))]
 pub async fn get_event(
-    State(state): State<AppState>,
+    State(pool): State<PgPool>,
     caller: Principal,
     Path(key): Path<String>,
 ) -> ApiResult<AppJson<Value>> {
     let key: Uuid = key
         .parse()
         .map_err(|_| ApiError::field("idempotency key must be a UUID"))?;
-    let mut tx = db::begin_as(&state.pool, &caller).await?;
+    let mut tx = db::begin_as(&pool, &caller).await?;
     let env = outbox::fetch_by_key(&mut tx, key).await?;
     tx.commit().await?;
     env.map(AppJson).ok_or(ApiError::NotFound("event"))
@@ -168,44 +167,47 @@ pub struct Background {
 }
 
 impl Background {
-    /// Starts the background tasks of one instance.
-    pub async fn start(state: &AppState) -> anyhow::Result<Self> {
-        use crate::telemetry::health::ListenerState;
+    /// Starts the background tasks of one instance: the doorbell rings after `publisher`'s
+    /// commits, the listener hands rows to `dispatcher` on connections of its own, retention
+    /// prunes with `pool`.
+    pub async fn start(
+        settings: &Settings,
+        pool: &PgPool,
+        publisher: &Publisher,
+        dispatcher: consumer::Dispatcher,
+        health: Arc<ListenerHealth>,
+        hub: Arc<hub::Hub>,
+    ) -> anyhow::Result<Self> {
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let settings = &state.settings;
         let mut tasks = vec![
             tokio::spawn(doorbell::run(
                 settings.database_url.clone(),
-                state.publisher.committed.clone(),
+                publisher.committed.clone(),
                 stopped.clone(),
             )),
             tokio::spawn(retention::run(
-                state.pool.clone(),
+                pool.clone(),
                 settings.events.clone(),
                 stopped.clone(),
             )),
         ];
         if settings.features.cross_module_events {
-            state.listener_health.set(ListenerState::Disconnected);
+            health.set(ListenerState::Disconnected);
             let listener = listener::Listener {
                 database_url: settings.database_url.clone(),
-                consumer: consumer::Consumer::new(state),
-                health: state.listener_health.clone(),
-                wake: state.publisher.wake_local.clone(),
-                poll_interval: std::time::Duration::from_millis(settings.events.poll_interval_ms),
+                dispatcher,
+                health,
+                wake: publisher.wake_local.clone(),
+                poll_interval: Duration::from_millis(settings.events.poll_interval_ms),
             };
             tasks.push(tokio::spawn(listener.run(stopped)));
         } else {
             tracing::info!(
                 "features.events.cross-module.enabled is false: event consumers are off"
             );
-            state.listener_health.set(ListenerState::Disabled);
+            health.set(ListenerState::Disabled);
         }
-        Ok(Background {
-            stop,
-            tasks,
-            hub: state.hub.clone(),
-        })
+        Ok(Background { stop, tasks, hub })
     }
 
     /// Stops every task (each finishes the batch it is in; a task that does not finish within

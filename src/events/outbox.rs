@@ -1,18 +1,25 @@
-//! Writing events into the outbox (inside the business transaction) and reading them back.
+//! All SQL of the outbox, the inbox and the durable cursors: appending events in the business
+//! transaction, the listener's two scans, loading cursors, and recording a consumer's batch
+//! (inbox rows + cursor) in the consumer's own transaction.
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::envelope::NewEvent;
-use crate::db::Tx;
+use crate::db::{self, Tx};
+use crate::identity::Principal;
 
-/// Inserts the event in the caller's transaction. Returns false when an event with the same
-/// idempotency key already exists (the same fact published twice is one event).
-pub async fn append(tx: &mut Tx, ev: &NewEvent) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query(
+/// Inserts the event in the caller's transaction. Returns its outbox position, or `None` when an
+/// event with the same idempotency key already exists (the same fact published twice is one
+/// event).
+pub async fn append(tx: &mut Tx, ev: &NewEvent) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
         "INSERT INTO outbox (event_id, idempotency_key, event_type, subject, territory, \
            owner_user_id, collaborators, envelope) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (idempotency_key) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (idempotency_key) DO NOTHING \
+         RETURNING position",
     )
     .bind(ev.id)
     .bind(ev.key)
@@ -22,10 +29,8 @@ pub async fn append(tx: &mut Tx, ev: &NewEvent) -> Result<bool, sqlx::Error> {
     .bind(&ev.audience.owner)
     .bind(&ev.audience.collaborators)
     .bind(ev.envelope())
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    Ok(inserted == 1)
+    .fetch_optional(&mut **tx)
+    .await
 }
 
 /// SQL expression of the full envelope including its outbox position.
@@ -39,5 +44,164 @@ pub async fn fetch_by_key(tx: &mut Tx, key: Uuid) -> Result<Option<Value>, sqlx:
     ))
     .bind(key)
     .fetch_optional(&mut **tx)
+    .await
+}
+
+/// Up to `limit` events after `position` that the transaction's principal may see (row-level
+/// security applies the audience rule): (position, type, envelope), in position order.
+pub async fn replay_after(
+    tx: &mut Tx,
+    position: i64,
+    limit: i64,
+) -> Result<Vec<(i64, String, Value)>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT position, event_type, {ENVELOPE_SQL} FROM outbox WHERE position > $1 ORDER BY position LIMIT $2"
+    ))
+    .bind(position)
+    .bind(limit)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// One outbox row as the listener reads it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub position: i64,
+    /// Transaction id (`xid8`, as a number) of the writing transaction.
+    pub txid: i64,
+    pub idempotency_key: Uuid,
+    pub event_type: String,
+    pub territory: String,
+    pub owner_user_id: Option<String>,
+    pub collaborators: Vec<String>,
+    /// The envelope including `position`.
+    pub envelope: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Columns of [`OutboxRow`] in a `SELECT … FROM outbox`.
+const ROW_COLUMNS: &str = "position, txid::text::bigint AS txid, idempotency_key, event_type, territory, \
+     owner_user_id, collaborators, envelope || jsonb_build_object('position', position) AS envelope, created_at";
+
+/// A position of a durable cursor: rows are ordered by (txid, position).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cursor {
+    pub txid: i64,
+    pub position: i64,
+}
+
+impl Cursor {
+    /// The cursor just at `row`.
+    pub fn at(row: &OutboxRow) -> Self {
+        Cursor {
+            txid: row.txid,
+            position: row.position,
+        }
+    }
+}
+
+/// Rows after `after` with a position above `high`, matching `condition`, in `order`. The two
+/// scans differ only in those three: see [`fetch_stable`] and [`fetch_fresh`].
+async fn fetch_after(
+    pool: &PgPool,
+    after: Cursor,
+    high: i64,
+    condition: &str,
+    order: &str,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    let mut tx = db::begin_as(pool, &Principal::system()).await?;
+    let rows = sqlx::query_as(&format!(
+        "SELECT {ROW_COLUMNS} FROM outbox \
+         WHERE (txid, position) > ($1::bigint::text::xid8, $2) AND position > $3 AND {condition} \
+         ORDER BY {order} LIMIT $4"
+    ))
+    .bind(after.txid)
+    .bind(after.position)
+    .bind(high)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+/// Reads up to `limit` rows after the cursor that belong to finished transactions, in cursor
+/// order (see `listener` for why this bound makes the cursor safe).
+pub async fn fetch_stable(
+    pool: &PgPool,
+    after: Cursor,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    // Positions start at 1, so `position > 0` holds for every row.
+    let finished = "txid < pg_snapshot_xmin(pg_current_snapshot())";
+    fetch_after(pool, after, 0, finished, "txid, position", limit).await
+}
+
+/// Reads up to `limit` committed rows with a position above `high` that lie beyond the cursor,
+/// in position order: the low-latency path, which never moves a durable cursor.
+pub async fn fetch_fresh(
+    pool: &PgPool,
+    high: i64,
+    after: Cursor,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    fetch_after(pool, after, high, "true", "position", limit).await
+}
+
+/// The lowest durable cursor among `consumers` (the start for a consumer that never ran), which
+/// is where an instance that starts has to read from so that no consumer misses a row.
+pub async fn load_min_cursor(pool: &PgPool, consumers: &[&str]) -> Result<Cursor, sqlx::Error> {
+    let mut tx = db::begin_as(pool, &Principal::system()).await?;
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT consumer, txid::text::bigint, position FROM event_cursors WHERE consumer = ANY($1)",
+    )
+    .bind(consumers)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(consumers
+        .iter()
+        .map(|c| {
+            rows.iter()
+                .find(|r| r.0 == *c)
+                .map(|r| Cursor {
+                    txid: r.1,
+                    position: r.2,
+                })
+                .unwrap_or_default()
+        })
+        .min()
+        .unwrap_or_default())
+}
+
+/// In a consumer's transaction: inserts its inbox rows for `keys` (in key order, so instances
+/// racing on overlapping batches take their locks in the same order), advances its cursor to
+/// `advance_to` (never backwards) and returns the keys that were new to it. One statement.
+pub async fn record_batch(
+    tx: &mut Tx,
+    consumer: &str,
+    keys: &[Uuid],
+    advance_to: Option<Cursor>,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH fresh AS ( \
+           INSERT INTO inbox (consumer, idempotency_key) \
+           SELECT $1, key FROM unnest($2::uuid[]) AS key ORDER BY key \
+           ON CONFLICT DO NOTHING RETURNING idempotency_key), \
+         cursor AS ( \
+           INSERT INTO event_cursors (consumer, txid, position, updated_at) \
+           SELECT $1, $3::bigint::text::xid8, $4, now() WHERE $3::bigint IS NOT NULL \
+           ON CONFLICT (consumer) DO UPDATE \
+             SET txid = EXCLUDED.txid, position = EXCLUDED.position, updated_at = now() \
+             WHERE (event_cursors.txid, event_cursors.position) < (EXCLUDED.txid, EXCLUDED.position) \
+           RETURNING 1) \
+         SELECT idempotency_key FROM fresh",
+    )
+    .bind(consumer)
+    .bind(keys)
+    .bind(advance_to.map(|c| c.txid))
+    .bind(advance_to.map(|c| c.position))
+    .fetch_all(&mut **tx)
     .await
 }

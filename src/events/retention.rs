@@ -8,7 +8,6 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-use super::consumer::CONSUMER;
 use crate::auth::Principal;
 use crate::config::EventSettings;
 use crate::db;
@@ -20,16 +19,17 @@ pub struct Pruned {
     pub inbox: u64,
 }
 
-/// Deletes expired rows once. Outbox rows at or beyond the durable cursor stay, however old:
-/// they have not been consumed (e.g. while cross-module events are switched off).
+/// Deletes expired rows once. Outbox rows beyond the lowest durable cursor of any consumer stay,
+/// however old: some consumer has not applied them yet (e.g. while cross-module events are
+/// switched off).
 pub async fn prune(pool: &PgPool, settings: &EventSettings) -> Result<Pruned, sqlx::Error> {
     let mut tx = db::begin_as(pool, &Principal::system()).await?;
     let outbox = sqlx::query(
         "DELETE FROM outbox WHERE created_at < now() - make_interval(hours => $1) \
-           AND (txid, position) <= (SELECT txid, position FROM event_cursors WHERE consumer = $2)",
+           AND (txid, position) <= \
+             (SELECT txid, position FROM event_cursors ORDER BY txid, position LIMIT 1)",
     )
     .bind(i32::try_from(settings.outbox_retention_hours).unwrap_or(i32::MAX))
-    .bind(CONSUMER)
     .execute(&mut *tx)
     .await?
     .rows_affected();

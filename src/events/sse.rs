@@ -10,7 +10,6 @@
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -19,9 +18,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use super::envelope;
-use super::outbox::ENVELOPE_SQL;
-use crate::app::AppState;
+use super::{envelope, outbox, EventsState};
 use crate::auth::Principal;
 use crate::db;
 use crate::error::{ApiError, ApiResult};
@@ -50,13 +47,7 @@ async fn replay_page(
     after: i64,
 ) -> Result<Vec<(i64, String, Value)>, sqlx::Error> {
     let mut tx = db::begin_as(pool, caller).await?;
-    let rows = sqlx::query_as(&format!(
-        "SELECT position, event_type, {ENVELOPE_SQL} FROM outbox WHERE position > $1 ORDER BY position LIMIT $2"
-    ))
-    .bind(after)
-    .bind(REPLAY_PAGE)
-    .fetch_all(&mut *tx)
-    .await?;
+    let rows = outbox::replay_after(&mut tx, after, REPLAY_PAGE).await?;
     tx.commit().await?;
     Ok(rows)
 }
@@ -69,7 +60,7 @@ async fn replay_page(
         (status = 401, description = "no identity"),
         (status = 422, description = "Last-Event-ID is not a position")))]
 pub async fn stream(
-    State(state): State<AppState>,
+    State(state): State<EventsState>,
     caller: Principal,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
@@ -128,9 +119,7 @@ pub async fn stream(
         }
     };
     let keepalive = KeepAlive::new()
-        .interval(Duration::from_secs(
-            state.settings.events.sse_keepalive_seconds.max(1),
-        ))
+        .interval(state.keepalive)
         .text("keep-alive");
     Ok(Sse::new(events).keep_alive(keepalive).into_response())
 }

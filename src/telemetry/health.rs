@@ -1,17 +1,20 @@
 //! `/q/health/live` and `/q/health/ready` (MicroProfile-style JSON).
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{FromRef, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
+use sqlx::PgPool;
 
-use crate::app::AppState;
-
-/// State of the event listener, shared with the `lead-event-handler` check.
+/// State of this instance's event listener, shared with the `lead-event-handler` check.
 #[derive(Debug, Default)]
-pub struct ListenerHealth(AtomicU8);
+pub struct ListenerHealth {
+    state: AtomicU8,
+    backend_pid: AtomicI32,
+}
 
 /// What the listener is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,12 +29,23 @@ pub enum ListenerState {
 impl ListenerHealth {
     /// Records a new state.
     pub fn set(&self, s: ListenerState) {
-        self.0.store(s as u8, Ordering::SeqCst);
+        self.state.store(s as u8, Ordering::SeqCst);
+    }
+
+    /// Records the PostgreSQL backend pid of the current LISTEN connection.
+    pub fn set_backend_pid(&self, pid: i32) {
+        self.backend_pid.store(pid, Ordering::SeqCst);
+    }
+
+    /// The PostgreSQL backend pid of the current (or last) LISTEN connection; 0 before the first
+    /// connection. Operators find this instance's listener in `pg_stat_activity` by it.
+    pub fn backend_pid(&self) -> i32 {
+        self.backend_pid.load(Ordering::SeqCst)
     }
 
     /// The current state.
     pub fn get(&self) -> ListenerState {
-        match self.0.load(Ordering::SeqCst) {
+        match self.state.load(Ordering::SeqCst) {
             1 => ListenerState::CatchingUp,
             2 => ListenerState::Live,
             3 => ListenerState::Disabled,
@@ -39,6 +53,32 @@ impl ListenerHealth {
         }
     }
 }
+
+/// What readiness looks at: a probe connection of its own (never the request pool, so a busy
+/// pool does not make every instance unready at once) and this instance's listener.
+#[derive(Clone)]
+pub struct HealthState {
+    pub probe: PgPool,
+    pub listener: Arc<ListenerHealth>,
+}
+
+impl<S> FromRef<S> for HealthState
+where
+    S: Send + Sync,
+    Arc<ListenerHealth>: FromRef<S>,
+    ProbePool: FromRef<S>,
+{
+    fn from_ref(state: &S) -> Self {
+        HealthState {
+            probe: ProbePool::from_ref(state).0,
+            listener: Arc::<ListenerHealth>::from_ref(state),
+        }
+    }
+}
+
+/// The readiness probe's own one-connection pool.
+#[derive(Clone)]
+pub struct ProbePool(pub PgPool);
 
 /// Liveness: the process answers.
 #[utoipa::path(get, path = "/q/health/live", tag = "operations", security(()),
@@ -51,15 +91,15 @@ pub async fn live() -> Json<Value> {
 #[utoipa::path(get, path = "/q/health/ready", tag = "operations", security(()),
     responses((status = 200, description = "UP: checks `database` and `lead-event-handler`"),
         (status = 503, description = "DOWN: database unreachable, or the listener disconnected or catching up")))]
-pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+pub async fn ready(State(health): State<HealthState>) -> (StatusCode, Json<Value>) {
     let db_up = tokio::time::timeout(
         std::time::Duration::from_secs(2),
-        sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool),
+        sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&health.probe),
     )
     .await
     .map(|r| r.is_ok())
     .unwrap_or(false);
-    let listener = state.listener_health.get();
+    let listener = health.listener.get();
     let listener_up = matches!(listener, ListenerState::Live | ListenerState::Disabled);
     let word = |up: bool| if up { "UP" } else { "DOWN" };
     let state_name = match listener {

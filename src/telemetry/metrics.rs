@@ -1,10 +1,11 @@
 //! Prometheus metrics: the names of CONTRACT.md, HTTP request metrics labelled by matched route
 //! (never the raw URI, which would explode cardinality and could carry ids).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::header;
+use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus::{
@@ -12,7 +13,6 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::app::AppState;
 use crate::error::ApiError;
 
 /// Latency buckets of CONTRACT.md (milliseconds): the event path is expected well under 10 ms
@@ -152,37 +152,52 @@ impl Default for Metrics {
 #[utoipa::path(get, path = "/q/metrics", tag = "operations", security(()),
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain"),
         (status = 404, description = "feature-disabled (features.metrics.prometheus.enabled=false)")))]
-pub async fn metrics_endpoint(State(state): State<AppState>) -> Response {
-    if !state.settings.features.prometheus {
-        return ApiError::FeatureDisabled("features.metrics.prometheus.enabled").into_response();
-    }
+pub async fn metrics_endpoint(State(metrics): State<Arc<Metrics>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        metrics.render(),
     )
         .into_response()
 }
 
+/// `GET /q/metrics` with `features.metrics.prometheus.enabled = false`.
+pub async fn metrics_disabled() -> ApiError {
+    ApiError::FeatureDisabled("features.metrics.prometheus.enabled")
+}
+
+/// The `method` label: the standard methods as they are, anything else `other` (a made-up
+/// method must not create label values at will).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 /// Middleware: counts, times and logs every request by method and matched route.
-pub async fn track_http(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn track_http(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().as_str().to_string();
+    let method = method_label(req.method());
     let started = Instant::now();
     let response = next.run(req).await;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
-    state
-        .metrics
+    metrics
         .http_requests
-        .with_label_values(&[&method, &route, response.status().as_str()])
+        .with_label_values(&[method, &route, response.status().as_str()])
         .inc();
-    state
-        .metrics
+    metrics
         .http_duration
-        .with_label_values(&[&method, &route])
+        .with_label_values(&[method, &route])
         .observe(ms);
     // Access log by route template (never the raw URI: ids and query strings may identify
     // people). Success is debug-level to keep the log quiet under load.

@@ -1,0 +1,752 @@
+//! The leads use cases, callable without HTTP: by the handlers, the demo, background jobs and
+//! tests.
+//!
+//! Two levels. The `*_in` functions run inside a transaction the caller opened as a principal
+//! (row-level security applies) and return the result and the events to publish; a job that must
+//! write more in the same transaction (a follow-up mail, say) composes them. [`LeadService`]
+//! wraps each in one unit of work — open the transaction as the caller, run the use case, append
+//! the events to the outbox, commit — retried once on a serialization failure or deadlock.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::domain::{ActivityType, LeadStatus};
+use super::model::{Activity, CreateLead, Lead, LeadPage, NewActivity, PatchLead};
+use super::repo::{self, LeadRow, SealedContact};
+use crate::db::{self, Tx};
+use crate::error::{ApiError, ApiResult};
+use crate::events::envelope::{self, Audience, EventType, NewEvent};
+use crate::events::Publisher;
+use crate::identity::{Principal, Role};
+use crate::pii::{self, Masked, PiiField, Vault};
+use crate::territory::Territory;
+
+/// Roles that may change leads. `System` never comes from a token: it is the principal of
+/// background jobs.
+pub const WRITERS: &[Role] = &[Role::Sales, Role::Manager, Role::Admin, Role::System];
+
+/// Bulk reads above this many decrypted leads are audited.
+const BULK_READ_AUDIT: usize = 100;
+
+/// A committed write: its value and the outbox position of its last event (0 without events).
+#[derive(Debug)]
+pub struct Written<T> {
+    pub value: T,
+    pub position: i64,
+}
+
+/// What a use case hands back to be committed.
+pub struct Outcome<T> {
+    pub value: T,
+    pub events: Vec<NewEvent>,
+}
+
+/// A value that does not decrypt answers `contact-data-unreadable` (never garbage, never the
+/// ciphertext); the reason (tampered or unknown key id) is logged, it names no contact data.
+pub fn pii_error(e: pii::PiiError) -> ApiError {
+    let lead = match &e {
+        pii::PiiError::UnknownKey { lead, .. } | pii::PiiError::Tampered { lead } => *lead,
+    };
+    ApiError::ContactDataUnreadable {
+        lead,
+        reason: e.to_string(),
+    }
+}
+
+fn text(field: &str, value: Option<String>, max: usize) -> ApiResult<Option<String>> {
+    match value.map(|v| v.trim().to_string()) {
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) if v.chars().count() > max => Err(ApiError::field(format!(
+            "{field} must be at most {max} characters"
+        ))),
+        other => Ok(other),
+    }
+}
+
+/// Validates, normalises and encrypts contact fields. Clear text stays in this function.
+fn seal_contact(
+    vault: &Vault,
+    lead: Uuid,
+    territory: Territory,
+    contact_person: Option<String>,
+    email: Option<String>,
+    phone: Option<String>,
+) -> ApiResult<SealedContact> {
+    let contact_person = text("contactPerson", contact_person, 200)?;
+    let email = text("email", email, 254)?
+        .map(|e| pii::normalize_email(&e).map_err(ApiError::field))
+        .transpose()?;
+    let phone = text("phone", phone, 40)?;
+    let phone_norm = phone
+        .as_deref()
+        .map(|p| pii::normalize_phone(p, territory).map_err(ApiError::field))
+        .transpose()?;
+    let any = contact_person.is_some() || email.is_some() || phone.is_some();
+    Ok(SealedContact {
+        contact_person: contact_person.map(|v| vault.seal(lead, PiiField::ContactPerson, &v)),
+        email_hash: email
+            .as_deref()
+            .map(|e| vault.lookup_hash(PiiField::Email, e)),
+        email: email.map(|v| vault.seal(lead, PiiField::Email, &v)),
+        phone_hash: phone_norm.map(|p| vault.lookup_hash(PiiField::Phone, &p)),
+        phone: phone.map(|v| vault.seal(lead, PiiField::Phone, &v)),
+        key_id: any.then(|| vault.active_key_id().to_string()),
+    })
+}
+
+async fn validate_users(tx: &mut Tx, ids: &[String], territory: Territory) -> ApiResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let known = repo::users_of_territory(tx, ids, territory).await?;
+    if let Some(unknown) = ids.iter().find(|id| !known.contains(id)) {
+        return Err(ApiError::field(format!(
+            "user `{unknown}` is not a FreshPlan user of territory {territory}"
+        )));
+    }
+    Ok(())
+}
+
+fn audience(territory: Territory, owner: &str, collaborators: &[String]) -> Audience {
+    Audience {
+        territory,
+        owner: Some(owner.to_string()),
+        collaborators: collaborators.to_vec(),
+    }
+}
+
+fn no_viewer(p: &Principal, action: &str) -> ApiResult<()> {
+    p.require(WRITERS, action)
+}
+
+/// Creates a lead as `caller`, who becomes its owner.
+pub async fn create_in(
+    tx: &mut Tx,
+    vault: &Vault,
+    caller: &Principal,
+    body: CreateLead,
+    now: DateTime<Utc>,
+) -> ApiResult<Outcome<LeadRow>> {
+    let territory = match body.territory {
+        Some(t) if t != caller.territory && !caller.is_global() => {
+            return Err(ApiError::Forbidden(format!(
+                "{} users create leads in their own territory only",
+                caller.role
+            )));
+        }
+        Some(t) => t,
+        None => caller.territory,
+    };
+    let company_name = text("companyName", Some(body.company_name), 200)?
+        .ok_or_else(|| ApiError::field("companyName must not be empty"))?;
+    let city = text("city", body.city, 120)?;
+    let id = Uuid::now_v7();
+    let now = envelope::micros(now);
+    let sealed = seal_contact(
+        vault,
+        id,
+        territory,
+        body.contact_person,
+        body.email,
+        body.phone,
+    )?;
+    let mut collaborators = body.collaborators;
+    collaborators.sort();
+    collaborators.dedup();
+    collaborators.retain(|c| *c != caller.user_id);
+
+    validate_users(tx, &collaborators, territory).await?;
+    let new = repo::NewLeadRow {
+        id,
+        company_name: &company_name,
+        contact: &sealed,
+        city: city.as_deref(),
+        territory,
+        business_type: body.business_type,
+        source: body.source,
+        owner: &caller.user_id,
+        collaborators: &collaborators,
+        email_consent: body.email_consent,
+        now,
+    };
+    let Some(row) = repo::insert_lead(tx, &new).await? else {
+        let hash = sealed.email_hash.as_deref().unwrap_or_default();
+        let existing = repo::find_live_by_email_hash(tx, territory, hash, None).await?;
+        return Err(ApiError::DuplicateContact { existing });
+    };
+    repo::insert_activity(
+        tx,
+        &repo::NewActivityRow {
+            lead: id,
+            kind: ActivityType::Created,
+            description: None,
+            outcome: None,
+            occurred_at: now,
+            user: &caller.user_id,
+        },
+    )
+    .await?;
+    repo::audit(
+        tx,
+        caller,
+        "LEAD_CREATED",
+        &id.to_string(),
+        Some(territory),
+        json!({"fields": ["companyName", "businessType", "source"]}),
+    )
+    .await?;
+    let event = NewEvent::new(
+        EventType::LeadCreated,
+        Some(id),
+        now,
+        envelope::key_created(id, now),
+        json!({
+            "leadId": id, "companyName": company_name, "status": "REGISTERED",
+            "ownerUserId": caller.user_id, "territory": territory, "createdAt": envelope::ts(now),
+        }),
+        audience(territory, &caller.user_id, &collaborators),
+    );
+    Ok(Outcome {
+        value: row,
+        events: vec![event],
+    })
+}
+
+/// A patched lead: the row after the change, `None` when the caller no longer sees it (a sales
+/// owner who handed it to someone else).
+pub type Patched = Option<LeadRow>;
+
+/// Changes a lead whose version is `expected`: status (status machine), owner, collaborators,
+/// contact and flags. Returns the row unchanged (and no events) when nothing changed.
+pub async fn patch_in(
+    tx: &mut Tx,
+    vault: &Vault,
+    caller: &Principal,
+    id: Uuid,
+    expected: i64,
+    body: PatchLead,
+    now: DateTime<Utc>,
+) -> ApiResult<Outcome<Patched>> {
+    let row = repo::fetch_for_update(tx, id)
+        .await?
+        .ok_or(ApiError::NotFound("lead"))?;
+    let territory = row.territory;
+    let is_owner = row.owner_user_id == caller.user_id;
+    let may_edit = is_owner
+        || caller.is_global()
+        || (caller.role == Role::Manager && caller.territory == territory);
+    if !may_edit {
+        return Err(ApiError::Forbidden(
+            "only the owner, a manager of the territory or an admin may change this lead".into(),
+        ));
+    }
+    if row.version != expected {
+        return Err(ApiError::StaleVersion {
+            current: row.version,
+        });
+    }
+    let now = envelope::micros(now);
+    let mut changed: Vec<&str> = Vec::new();
+    let old_status = row.status;
+    let mut status = old_status;
+    let clock_stopped = body.clock_stopped.unwrap_or(row.clock_stopped);
+    if let Some(to) = body.status.filter(|s| *s != old_status) {
+        status = old_status
+            .transition(to, caller.role, row.clock_stopped && clock_stopped)
+            .map_err(|e| ApiError::InvalidTransition {
+                from: e.from.to_string(),
+                to: e.to.to_string(),
+                reason: e.reason.into(),
+            })?;
+        changed.push("status");
+    }
+    if old_status == LeadStatus::Deleted && status == LeadStatus::Deleted {
+        return Err(ApiError::InvalidTransition {
+            from: "DELETED".into(),
+            to: "DELETED".into(),
+            reason: "the lead is deleted".into(),
+        });
+    }
+    let mut owner = row.owner_user_id.clone();
+    if let Some(new_owner) = body
+        .owner_user_id
+        .as_ref()
+        .filter(|o| **o != row.owner_user_id)
+    {
+        validate_users(tx, std::slice::from_ref(new_owner), territory).await?;
+        owner = new_owner.clone();
+        changed.push("ownerUserId");
+    }
+    let mut collaborators = row.collaborators.clone();
+    if let Some(mut c) = body.collaborators.clone() {
+        c.sort();
+        c.dedup();
+        c.retain(|u| *u != owner);
+        validate_users(tx, &c, territory).await?;
+        if c != collaborators {
+            collaborators = c;
+            changed.push("collaborators");
+        }
+    }
+    // Contact fields: any change re-seals all three under the active key.
+    let contact_changed =
+        body.contact_person.is_some() || body.email.is_some() || body.phone.is_some();
+    let sealed = if contact_changed {
+        let current = |f| row.open(vault, f).map_err(pii_error);
+        let contact = match body.contact_person.clone() {
+            Some(v) => v,
+            None => current(PiiField::ContactPerson)?,
+        };
+        let email = match body.email.clone() {
+            Some(v) => v,
+            None => current(PiiField::Email)?,
+        };
+        let phone = match body.phone.clone() {
+            Some(v) => v,
+            None => current(PiiField::Phone)?,
+        };
+        for (name, v) in [
+            ("contactPerson", &body.contact_person),
+            ("email", &body.email),
+            ("phone", &body.phone),
+        ] {
+            if v.is_some() {
+                changed.push(name);
+            }
+        }
+        let sealed = seal_contact(vault, id, territory, contact, email, phone)?;
+        if let Some(hash) = sealed.email_hash.as_deref() {
+            if let Some(existing) =
+                repo::find_live_by_email_hash(tx, territory, hash, Some(id)).await?
+            {
+                return Err(ApiError::DuplicateContact {
+                    existing: Some(existing),
+                });
+            }
+        }
+        Some(sealed)
+    } else {
+        None
+    };
+    let email_consent = body.email_consent.unwrap_or(row.email_consent);
+    let contact_blocked = body.contact_blocked.unwrap_or(row.contact_blocked);
+    for (name, old, new) in [
+        ("emailConsent", row.email_consent, email_consent),
+        ("contactBlocked", row.contact_blocked, contact_blocked),
+        ("clockStopped", row.clock_stopped, clock_stopped),
+    ] {
+        if old != new {
+            changed.push(name);
+        }
+    }
+    if changed.is_empty() {
+        return Ok(Outcome {
+            value: Some(row),
+            events: Vec::new(),
+        });
+    }
+    let reason = text("reason", body.reason.clone(), 500)?;
+
+    // A live lead elsewhere with the same email that the caller cannot see still makes the
+    // unique index refuse the update: that maps to duplicate-contact without an id.
+    repo::update_lead(
+        tx,
+        id,
+        &repo::LeadUpdate {
+            status,
+            owner: &owner,
+            collaborators: &collaborators,
+            email_consent,
+            contact_blocked,
+            clock_stopped,
+            contact: sealed.as_ref(),
+            now,
+            by: &caller.user_id,
+        },
+    )
+    .await?;
+    let mut events = Vec::new();
+    // The old owner stays in the audience of the assignment so they learn the lead left them.
+    let mut event_collaborators = collaborators.clone();
+    if owner != row.owner_user_id {
+        event_collaborators.push(row.owner_user_id.clone());
+        let description = format!("{} → {}", row.owner_user_id, owner);
+        repo::insert_activity(
+            tx,
+            &repo::NewActivityRow {
+                lead: id,
+                kind: ActivityType::LeadAssigned,
+                description: Some(&description),
+                outcome: None,
+                occurred_at: now,
+                user: &caller.user_id,
+            },
+        )
+        .await?;
+        events.push(NewEvent::new(
+            EventType::LeadAssigned,
+            Some(id),
+            now,
+            envelope::key_assigned(id, &row.owner_user_id, &owner, now),
+            json!({
+                "leadId": id, "oldOwnerUserId": row.owner_user_id, "newOwnerUserId": owner,
+                "territory": territory, "userId": caller.user_id, "changedAt": envelope::ts(now),
+            }),
+            audience(territory, &owner, &event_collaborators),
+        ));
+    }
+    if status != old_status {
+        let description = format!("{old_status} → {status}");
+        repo::insert_activity(
+            tx,
+            &repo::NewActivityRow {
+                lead: id,
+                kind: ActivityType::StatusChange,
+                description: Some(&description),
+                outcome: reason.as_deref(),
+                occurred_at: now,
+                user: &caller.user_id,
+            },
+        )
+        .await?;
+        events.push(NewEvent::new(
+            EventType::LeadStatusChanged,
+            Some(id),
+            now,
+            envelope::key_status_change(id, old_status.as_str(), status.as_str(), now),
+            json!({
+                "leadId": id, "companyName": row.company_name, "oldStatus": old_status, "newStatus": status,
+                "userId": caller.user_id, "ownerUserId": owner, "territory": territory, "changedAt": envelope::ts(now),
+            }),
+            audience(territory, &owner, &event_collaborators),
+        ));
+    }
+    let mut details = json!({"fields": changed, "version": expected + 1});
+    if status != old_status {
+        details["status"] = json!({"from": old_status, "to": status});
+    }
+    if owner != row.owner_user_id {
+        details["owner"] = json!({"from": row.owner_user_id, "to": owner});
+    }
+    let action = if status == LeadStatus::Deleted {
+        "LEAD_DELETED"
+    } else {
+        "LEAD_UPDATED"
+    };
+    repo::audit(
+        tx,
+        caller,
+        action,
+        &id.to_string(),
+        Some(territory),
+        details,
+    )
+    .await?;
+    tracing::info!(lead_id = %id, fields = ?changed, "lead updated");
+    let updated = repo::fetch(tx, id).await?;
+    Ok(Outcome {
+        value: updated,
+        events,
+    })
+}
+
+/// Logs an activity on a lead the caller may change.
+pub async fn add_activity_in(
+    tx: &mut Tx,
+    caller: &Principal,
+    id: Uuid,
+    body: NewActivity,
+    now: DateTime<Utc>,
+) -> ApiResult<Outcome<Activity>> {
+    if !body.activity_type.is_manual() {
+        return Err(ApiError::field(format!(
+            "activity type {} is written by the system",
+            body.activity_type
+        )));
+    }
+    let description = text("description", body.description, 4000)?;
+    let outcome = text("outcome", body.outcome, 64)?;
+    let now = envelope::micros(now);
+    let occurred_at = envelope::micros(body.occurred_at.unwrap_or(now));
+    if occurred_at > now + chrono::Duration::minutes(5) {
+        return Err(ApiError::field("occurredAt must not be in the future"));
+    }
+    let lead = repo::touch_activity(tx, id, occurred_at)
+        .await?
+        .filter(|l| l.status != LeadStatus::Deleted)
+        .ok_or(ApiError::NotFound("lead"))?;
+    let activity_id = repo::insert_activity(
+        tx,
+        &repo::NewActivityRow {
+            lead: id,
+            kind: body.activity_type,
+            description: description.as_deref(),
+            outcome: outcome.as_deref(),
+            occurred_at,
+            user: &caller.user_id,
+        },
+    )
+    .await?;
+    repo::audit(
+        tx,
+        caller,
+        "ACTIVITY_LOGGED",
+        &id.to_string(),
+        Some(lead.territory),
+        json!({"activityType": body.activity_type}),
+    )
+    .await?;
+    let event = NewEvent::new(
+        EventType::ActivityLogged,
+        Some(id),
+        now,
+        envelope::key_activity(activity_id),
+        json!({
+            "leadId": id, "activityType": body.activity_type, "ownerUserId": lead.owner_user_id,
+            "territory": lead.territory, "userId": caller.user_id, "occurredAt": envelope::ts(occurred_at),
+        }),
+        audience(lead.territory, &lead.owner_user_id, &lead.collaborators),
+    );
+    Ok(Outcome {
+        value: Activity {
+            id: activity_id,
+            lead_id: id,
+            activity_type: body.activity_type,
+            meaningful: body.activity_type.is_meaningful(),
+            description,
+            outcome,
+            occurred_at,
+            user_id: caller.user_id.clone(),
+        },
+        events: vec![event],
+    })
+}
+
+/// Query of the lead list, as the caller typed it.
+#[derive(Debug, Default, Clone)]
+pub struct ListQuery {
+    pub status: Option<String>,
+    pub owner: Option<String>,
+    pub q: Option<String>,
+    pub email: Option<String>,
+    pub page: Option<i64>,
+    pub size: Option<i64>,
+}
+
+/// Page sizes the list accepts.
+pub const PAGE_SIZES: std::ops::RangeInclusive<i64> = 1..=500;
+/// Highest page number (keeps `page * size` far from overflow and the offset scan bounded).
+pub const MAX_PAGE: i64 = 100_000;
+
+/// Runs `f` once more when it failed with a serialization failure or deadlock.
+async fn retry_once<T, F, Fut>(mut f: F) -> ApiResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ApiResult<T>>,
+{
+    match f().await {
+        Err(e) if e.is_retryable() => {
+            tracing::info!("transaction collided with a concurrent one; retrying once");
+            f().await
+        }
+        other => other,
+    }
+}
+
+/// The leads use cases as units of work (one transaction each, as the caller).
+#[derive(Clone)]
+pub struct LeadService {
+    pub pool: PgPool,
+    pub vault: Arc<Vault>,
+    pub publisher: Publisher,
+}
+
+impl LeadService {
+    /// Refuses (403, counted `denied` for `event`) a caller whose role may not write.
+    pub fn require_writer(
+        &self,
+        caller: &Principal,
+        event: EventType,
+        action: &str,
+    ) -> ApiResult<()> {
+        caller.require(WRITERS, action).inspect_err(|_| {
+            self.publisher.count(event.as_str(), "denied");
+        })
+    }
+
+    async fn commit<T>(&self, tx: Tx, out: Outcome<T>) -> ApiResult<Written<T>> {
+        let position = self.publisher.commit(tx, &out.events).await?;
+        Ok(Written {
+            value: out.value,
+            position,
+        })
+    }
+
+    fn lead(&self, row: LeadRow) -> ApiResult<Lead> {
+        row.into_lead(&self.vault).map_err(pii_error)
+    }
+
+    /// Creates a lead (see [`create_in`]).
+    pub async fn create(&self, caller: &Principal, body: CreateLead) -> ApiResult<Written<Lead>> {
+        self.require_writer(caller, EventType::LeadCreated, "create leads")?;
+        // Normalised first, so the log shows `***@example.com` whatever the spelling.
+        let masked_email = body
+            .email
+            .as_deref()
+            .and_then(|e| pii::normalize_email(e).ok())
+            .map(Masked);
+        let written = retry_once(|| async {
+            let mut tx = db::begin_as(&self.pool, caller).await?;
+            let out = create_in(&mut tx, &self.vault, caller, body.clone(), Utc::now()).await?;
+            self.commit(tx, out).await
+        })
+        .await?;
+        let row = &written.value;
+        tracing::info!(lead_id = %row.id, territory = %row.territory, owner = %caller.user_id, contact_email = masked_email.as_ref().map(tracing::field::display), "lead created");
+        Ok(Written {
+            position: written.position,
+            value: self.lead(written.value)?,
+        })
+    }
+
+    /// Changes a lead (see [`patch_in`]); `None` when the caller no longer sees it afterwards.
+    pub async fn patch(
+        &self,
+        caller: &Principal,
+        id: Uuid,
+        expected: i64,
+        body: PatchLead,
+    ) -> ApiResult<Written<Option<Lead>>> {
+        self.require_writer(caller, EventType::LeadStatusChanged, "change leads")?;
+        let written = retry_once(|| async {
+            let mut tx = db::begin_as(&self.pool, caller).await?;
+            let out = patch_in(
+                &mut tx,
+                &self.vault,
+                caller,
+                id,
+                expected,
+                body.clone(),
+                Utc::now(),
+            )
+            .await?;
+            self.commit(tx, out).await
+        })
+        .await?;
+        Ok(Written {
+            position: written.position,
+            value: written.value.map(|r| self.lead(r)).transpose()?,
+        })
+    }
+
+    /// Logs an activity (see [`add_activity_in`]).
+    pub async fn add_activity(
+        &self,
+        caller: &Principal,
+        id: Uuid,
+        body: NewActivity,
+    ) -> ApiResult<Written<Activity>> {
+        self.require_writer(caller, EventType::ActivityLogged, "log activities")?;
+        retry_once(|| async {
+            let mut tx = db::begin_as(&self.pool, caller).await?;
+            let out = add_activity_in(&mut tx, caller, id, body.clone(), Utc::now()).await?;
+            self.commit(tx, out).await
+        })
+        .await
+    }
+
+    /// One lead the caller sees.
+    pub async fn get(&self, caller: &Principal, id: Uuid) -> ApiResult<Lead> {
+        no_viewer(caller, "read lead details (viewers see aggregates only)")?;
+        let mut tx = db::begin_as(&self.pool, caller).await?;
+        let row = repo::fetch(&mut tx, id)
+            .await?
+            .ok_or(ApiError::NotFound("lead"))?;
+        tx.commit().await?;
+        self.lead(row)
+    }
+
+    /// A page of the leads the caller sees; pages over 100 leads are audited as bulk reads.
+    pub async fn list(&self, caller: &Principal, q: ListQuery) -> ApiResult<LeadPage> {
+        no_viewer(caller, "list lead details (viewers see aggregates only)")?;
+        let page = q.page.unwrap_or(0);
+        let size = q.size.unwrap_or(20);
+        if !(0..=MAX_PAGE).contains(&page) || !PAGE_SIZES.contains(&size) {
+            return Err(ApiError::field(format!(
+                "page must be between 0 and {MAX_PAGE} and size between 1 and 500"
+            )));
+        }
+        let status = q
+            .status
+            .as_deref()
+            .map(|s| {
+                LeadStatus::parse(&s.to_ascii_uppercase())
+                    .ok_or_else(|| ApiError::field(format!("unknown status `{s}`")))
+            })
+            .transpose()?;
+        let email_hash = q
+            .email
+            .as_deref()
+            .map(|e| {
+                pii::normalize_email(e)
+                    .map(|n| self.vault.lookup_hash(PiiField::Email, &n))
+                    .map_err(ApiError::field)
+            })
+            .transpose()?;
+        let pattern = q.q.as_deref().map(|s| {
+            format!(
+                "%{}%",
+                s.replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_")
+            )
+        });
+        let filter = repo::ListFilter {
+            status,
+            owner: q.owner.as_deref(),
+            pattern: pattern.as_deref(),
+            email_hash: email_hash.as_deref(),
+        };
+        let mut tx = db::begin_as(&self.pool, caller).await?;
+        let (rows, total) = repo::list(&mut tx, &filter, size, page * size).await?;
+        if rows.len() > BULK_READ_AUDIT {
+            repo::audit(
+                &mut tx,
+                caller,
+                "PII_BULK_READ",
+                "list",
+                Some(caller.territory),
+                json!({"leads": rows.len()}),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        let items = rows
+            .into_iter()
+            .map(|r| self.lead(r))
+            .collect::<ApiResult<Vec<_>>>()?;
+        Ok(LeadPage {
+            items,
+            page,
+            size,
+            total,
+        })
+    }
+
+    /// The activities of a lead the caller sees, newest first.
+    pub async fn activities(&self, caller: &Principal, id: Uuid) -> ApiResult<Vec<Activity>> {
+        no_viewer(caller, "read lead activities")?;
+        let mut tx = db::begin_as(&self.pool, caller).await?;
+        if !repo::visible(&mut tx, id).await? {
+            return Err(ApiError::NotFound("lead"));
+        }
+        let rows = repo::activities(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+}
