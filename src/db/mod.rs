@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::auth::Principal;
+use crate::identity::Principal;
 
 /// A transaction whose every statement runs under a principal's RLS identity.
 pub type Tx = Transaction<'static, Postgres>;

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 
 use super::envelope::Audience;
-use crate::auth::{Principal, Role};
+use crate::identity::{Principal, Role};
 use crate::telemetry::metrics::Metrics;
 
 /// Label of the SSE gauge in `freshplan_dashboard_active_widgets`.

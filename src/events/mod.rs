@@ -25,10 +25,10 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::auth::jwt::Authenticator;
-use crate::auth::Principal;
 use crate::config::Settings;
 use crate::db::{self, Tx};
 use crate::error::{ApiError, ApiResult, AppJson};
+use crate::identity::Principal;
 use crate::telemetry::health::{ListenerHealth, ListenerState};
 use crate::telemetry::metrics::Metrics;
 use envelope::NewEvent;

@@ -8,9 +8,9 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-use crate::auth::Principal;
 use crate::config::EventSettings;
 use crate::db;
+use crate::identity::Principal;
 
 /// Rows deleted by one run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

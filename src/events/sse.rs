@@ -19,9 +19,9 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 
 use super::{envelope, outbox, EventsState};
-use crate::auth::Principal;
 use crate::db;
 use crate::error::{ApiError, ApiResult};
+use crate::identity::Principal;
 
 /// Rows per replay query.
 const REPLAY_PAGE: i64 = 500;

@@ -17,8 +17,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{PiiError, PiiField, Vault};
-use crate::auth::Principal;
 use crate::db::{self, Tx};
+use crate::identity::Principal;
 
 /// What a rotation did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
