@@ -4,6 +4,9 @@
 #
 # Needs: a PostgreSQL server on 127.0.0.1:5432 with a superuser `postgres` reachable without a
 # password (the machine's default; started here if it is installed but not running).
+# Benchmarks are not tests: only library, binary and integration-test targets run here (a bench
+# run in a debug build would only measure the debug build); `cargo bench` runs them.
+#
 # Env: FRESHPLAN_TEST_ADMIN_URL (default postgres://postgres@127.0.0.1:5432/postgres),
 #      COVERAGE_MIN (default 80), NO_COVERAGE=1 to run plain `cargo test` instead.
 set -euo pipefail
@@ -30,19 +33,22 @@ trap drop_test_databases EXIT
 
 if [ "${NO_COVERAGE:-0}" = "1" ]; then
   log "cargo test"
-  cargo test --all-targets
+  cargo test --lib --bins --tests
   exit 0
 fi
 
-if ! command -v cargo-tarpaulin >/dev/null 2>&1; then
-  log "installing cargo-tarpaulin"
-  cargo install cargo-tarpaulin --locked
+# The coverage tool is pinned: another version may count lines differently against COVERAGE_MIN.
+TARPAULIN_VERSION=0.31.2
+if ! command -v cargo-tarpaulin >/dev/null 2>&1 \
+  || [ "$(cargo tarpaulin --version 2>/dev/null | awk '{print $NF}')" != "$TARPAULIN_VERSION" ]; then
+  log "installing cargo-tarpaulin $TARPAULIN_VERSION"
+  cargo install cargo-tarpaulin --version "$TARPAULIN_VERSION" --locked
 fi
 
 log "tests with line coverage (cargo tarpaulin)"
 # --engine llvm: source-based coverage built into rustc, no extra toolchain component.
-# Counted: src/ (the server); the test harness and benches are excluded.
-cargo tarpaulin --engine llvm --skip-clean --all-targets \
+# Counted: src/ (the server); the test harness and benches are excluded (and benches not run).
+cargo tarpaulin --engine llvm --skip-clean --lib --bins --tests \
   --exclude-files 'tests/*' --exclude-files 'benches/*' \
   --out Stdout --out Html --output-dir target/coverage \
   --fail-under "${COVERAGE_MIN:-80}" -- --test-threads 2

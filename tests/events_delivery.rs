@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use common::*;
@@ -274,16 +274,47 @@ async fn with_cross_module_events_off_nothing_is_consumed_until_switched_on() {
     let mut app = TestApp::spawn_with(&off).await;
     let ready: serde_json::Value = app.get_json("admin", "/q/health/ready").await;
     assert_eq!(ready["checks"][1]["data"]["state"], "disabled");
+    // The doorbell is heard here as every listener would hear it.
+    let mut bell = sqlx::postgres::PgListener::connect(&app.db.app_url())
+        .await
+        .unwrap();
+    bell.listen(freshplan::events::listener::CHANNEL)
+        .await
+        .unwrap();
     for i in 0..3 {
         app.create_lead("sales-de-1", TestApp::lead_body(&format!("Lead {i}")))
             .await;
     }
-    // Nothing may happen, so give a consumer that wrongly ran several poll intervals (200 ms).
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Positive signs that a consumer had its chance: the instance rang the doorbell for the last
+    // of the three events (a listener of this instance would have been woken by the same commits,
+    // before the ring), and a graceful stop lets every background task finish the batch it is in.
+    // Only then is the absence of any consumption evidence. (With the toggle ignored, this
+    // fails: all three rows are in the inbox by then.)
+    let last = app.count("SELECT max(position) FROM outbox").await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let ring = tokio::time::timeout(left, bell.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no doorbell ring for position {last} within {PATIENCE:?}"))
+            .unwrap();
+        if ring.payload().parse::<i64>().unwrap() >= last {
+            break;
+        }
+    }
+    let metrics = app.state().metrics.clone();
+    app.stop().await;
+    assert_eq!(app.count("SELECT count(*) FROM outbox").await, 3);
     assert_eq!(app.count("SELECT count(*) FROM inbox").await, 0);
     assert_eq!(app.count("SELECT count(*) FROM event_cursors").await, 0);
     assert_eq!(app.projected_events().await, 0);
-    assert_eq!(app.metric(&consumed(CREATED, "success")).await, 0.0);
+    assert_eq!(
+        metrics
+            .events_consumed
+            .with_label_values(&[CREATED, "lead-management", "success"])
+            .get(),
+        0
+    );
 
     app.restart(Some(&[])).await;
     wait_until(

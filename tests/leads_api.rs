@@ -22,6 +22,16 @@ fn slug(p: &Value) -> &str {
     p["type"].as_str().unwrap().rsplit('/').next().unwrap()
 }
 
+async fn post_lead(app: &TestApp, user: &str, body: &Value) -> reqwest::Response {
+    app.client
+        .post(format!("{}/api/leads", app.url))
+        .header("Authorization", app.bearer(user))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn creating_a_lead_answers_201_with_location_etag_and_the_creator_as_owner() {
     let app = TestApp::spawn().await;
@@ -57,20 +67,36 @@ async fn creating_a_lead_answers_201_with_location_etag_and_the_creator_as_owner
 }
 
 #[tokio::test]
-async fn territory_is_the_creators_unless_a_manager_or_admin_chooses() {
+async fn territory_is_the_creators_own_for_sales_and_managers_and_only_an_admin_chooses_another() {
     let app = TestApp::spawn().await;
-    let mut body = TestApp::lead_body("Elsewhere");
-    body["territory"] = json!("AT");
-    let r = app
-        .client
-        .post(format!("{}/api/leads", app.url))
-        .header("Authorization", app.bearer("sales-de-1"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(problem(r).await.0, 403);
-    let lead = app.create_lead("admin", body).await;
+    let mut elsewhere = TestApp::lead_body("Elsewhere");
+    elsewhere["territory"] = json!("AT");
+
+    // Neither a sales user nor a manager creates a lead in another territory.
+    for user in ["sales-de-1", "manager-de"] {
+        let (status, p) = problem(post_lead(&app, user, &elsewhere).await).await;
+        assert_eq!((status, slug(&p)), (403, "forbidden"), "{user}: {p}");
+    }
+    assert_eq!(
+        app.get_json("admin", "/api/leads?size=10").await["total"],
+        0,
+        "a refused create leaves no lead behind"
+    );
+
+    // A manager's lead is in the manager's territory, named or not.
+    let mut own = TestApp::lead_body("Manager named DE");
+    own["territory"] = json!("DE");
+    let named = app.create_lead("manager-de", own).await;
+    let unnamed = app
+        .create_lead("manager-de", TestApp::lead_body("Manager default"))
+        .await;
+    for lead in [&named, &unnamed] {
+        assert_eq!(lead["territory"], "DE");
+        assert_eq!(lead["ownerUserId"], "manager-de");
+    }
+
+    // An admin chooses another territory; that territory's manager then sees the lead.
+    let lead = app.create_lead("admin", elsewhere).await;
     assert_eq!(lead["territory"], "AT");
     assert_eq!(
         app.get(
@@ -518,7 +544,7 @@ async fn owner_reassignment_and_activities_leave_activities_and_audit_rows() {
 }
 
 #[tokio::test]
-async fn health_metrics_and_openapi_are_served() {
+async fn health_metrics_and_openapi_are_served_and_metrics_can_be_switched_off() {
     let app = TestApp::spawn().await;
     let live: Value = app.public_json("/q/health/live").await;
     assert_eq!(live["status"], "UP");
@@ -543,10 +569,6 @@ async fn health_metrics_and_openapi_are_served() {
         "{metrics}"
     );
     assert!(metrics.contains(r#"freshplan_events_published_total{event_type="dashboard.lead_created",module="lead-management",result="success"} 1"#));
-    assert!(
-        !metrics.contains("/api/leads/0"),
-        "routes are labelled by template, never raw ids"
-    );
 
     let doc: Value = app.public_json("/q/openapi").await;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
@@ -570,6 +592,50 @@ async fn health_metrics_and_openapi_are_served() {
     .await;
     assert_eq!((s, slug(&p)), (404, "feature-disabled"));
     off.stop().await;
+}
+
+#[tokio::test]
+async fn http_metrics_label_requests_by_route_template_never_by_raw_id() {
+    let app = TestApp::spawn().await;
+    let lead = app
+        .create_lead("sales-de-1", TestApp::lead_body("Labelled"))
+        .await;
+    let id = lead["id"].as_str().unwrap();
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let unmatched = uuid::Uuid::new_v4().to_string();
+    let requests = [
+        (format!("/api/leads/{id}"), 200),
+        (format!("/api/leads/{id}/activities"), 200),
+        (format!("/api/leads/{unknown}"), 404),
+        (format!("/no-such-route/{unmatched}"), 404),
+    ];
+    for (path, status) in &requests {
+        assert_eq!(
+            app.get("sales-de-1", path).await.status(),
+            *status,
+            "{path}"
+        );
+    }
+
+    let metrics = app.metrics_text().await;
+    for sample in [
+        r#"freshplan_http_requests_total{method="GET",route="/api/leads/{id}",status="200"} 1"#,
+        r#"freshplan_http_requests_total{method="GET",route="/api/leads/{id}",status="404"} 1"#,
+        r#"freshplan_http_requests_total{method="GET",route="/api/leads/{id}/activities",status="200"} 1"#,
+        r#"freshplan_http_requests_total{method="GET",route="unmatched",status="404"} 1"#,
+        r#"freshplan_http_request_duration_ms_count{method="GET",route="/api/leads/{id}"} 2"#,
+    ] {
+        assert!(
+            metrics.contains(sample),
+            "missing `{sample}` in:\n{metrics}"
+        );
+    }
+    for raw in [id, unknown.as_str(), unmatched.as_str()] {
+        assert!(
+            !metrics.contains(raw),
+            "raw id {raw} in a metric label (routes are labelled by template):\n{metrics}"
+        );
+    }
 }
 
 /// The API's contract is reviewed as a file: `docs/openapi.json` must equal what the service

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{TestApp, TestDb, KEY_1, KEY_2, LOOKUP_KEY};
+use common::{wait_until, TestApp, TestDb, KEY_1, KEY_2, LOOKUP_KEY, PATIENCE};
 use serde_json::{json, Value};
 use sqlx::{Connection, Row};
 
@@ -408,6 +408,10 @@ async fn keys_rotate_re_encrypts_every_row_while_the_service_keeps_answering() {
             .await
             .unwrap();
     let mut locker = app.db.superuser().await;
+    let locker_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut locker)
+        .await
+        .unwrap();
     let lock_tx = lock_lead(&mut locker, &held).await;
 
     let pool = app.db.app_pool().await;
@@ -458,8 +462,14 @@ async fn keys_rotate_re_encrypts_every_row_while_the_service_keeps_answering() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Give a rotation that would leave the locked lead behind time to finish and be caught.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Everything else is rotated; now rotation either waits for the locked lead (the sign:
+    // its backend is blocked by the locker) or, wrongly, finishes without it.
+    wait_until(
+        PATIENCE,
+        "rotation blocked by the locked lead, or finished",
+        || async { rotation.is_finished() || waits_for(&app, "freshplan-test", locker_pid).await },
+    )
+    .await;
     assert!(
         !rotation.is_finished(),
         "rotation waits for the locked lead instead of leaving it behind"
@@ -525,12 +535,24 @@ async fn a_patch_during_rotation_is_not_lost() {
 
     // The PATCH holds the row (as its transaction would); rotation must wait, then re-read it.
     let mut db = app.db.superuser().await;
+    let editor_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
     let mut edit = lock_lead(&mut db, &id).await;
     let pool = app.db.app_pool().await;
     let rotation =
         tokio::spawn(async move { freshplan::pii::rotate::rotate(&pool, &vault, 10).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!rotation.is_finished());
+    wait_until(
+        PATIENCE,
+        "rotation blocked by the edit's row lock, or finished",
+        || async { rotation.is_finished() || waits_for(&app, "freshplan-test", editor_pid).await },
+    )
+    .await;
+    assert!(
+        !rotation.is_finished(),
+        "rotation waits for the edited lead instead of passing it by"
+    );
     let sealed = app.state().vault.seal(
         uuid::Uuid::parse_str(&id).unwrap(),
         freshplan::pii::PiiField::ContactPerson,
@@ -703,6 +725,18 @@ async fn bulk_reads_of_more_than_100_decrypted_leads_are_audited() {
         audited(&app).await,
         vec![("admin".to_string(), "admin".to_string(), n)]
     );
+}
+
+/// Whether a backend of the connection pool named `application_name` waits for a lock that the
+/// backend `holder` holds (`pg_blocking_pids`): the positive sign that rotation reached a row
+/// locked by `holder` and is waiting for it.
+async fn waits_for(app: &TestApp, application_name: &str, holder: i32) -> bool {
+    app.count(&format!(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE application_name = '{application_name}' AND {holder} = ANY(pg_blocking_pids(pid))"
+    ))
+    .await
+        > 0
 }
 
 /// Holds a lead's row lock as an edit in flight would, until the returned transaction ends.

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{TestApp, TestDb};
+use common::{wait_until, TestApp, TestDb, PATIENCE};
 use serde_json::{json, Value};
 use sqlx::{Connection, Executor, PgConnection};
 
@@ -138,55 +138,101 @@ async fn a_sales_user_cannot_change_or_log_on_leads_outside_their_view() {
     );
 }
 
+/// Every table of `freshplan::db::RLS_TABLES` (the list the start-up check enforces), seen from
+/// `app` without identity: no row visible; INSERT of a copy of an existing row refused by
+/// row-level security; UPDATE and DELETE touch nothing. `su` (superuser) shows the rows exist.
+async fn assert_no_identity_sees_and_writes_nothing(
+    app: &mut PgConnection,
+    su: &mut PgConnection,
+    how: &str,
+) {
+    for table in freshplan::db::RLS_TABLES {
+        let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&mut *su)
+            .await
+            .unwrap();
+        assert!(
+            rows > 0,
+            "{table} is empty, so this test proves nothing for it: make the scenario above write a row to it"
+        );
+        let seen: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&mut *app)
+            .await
+            .unwrap();
+        assert_eq!(seen, 0, "{table} must show no rows {how}");
+
+        // A copy of a real row: RLS (checked before constraints) must refuse it, so neither
+        // success nor a unique violation is acceptable.
+        let (columns, first): (String, String) = sqlx::query_as(
+            "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum), \
+                    (array_agg(quote_ident(attname) ORDER BY attnum) FILTER (WHERE attidentity = ''))[1] \
+             FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0 \
+               AND NOT attisdropped AND attgenerated = ''",
+        )
+        .bind(table)
+        .fetch_one(&mut *su)
+        .await
+        .unwrap();
+        let row: serde_json::Value =
+            sqlx::query_scalar(&format!("SELECT to_jsonb(t) FROM {table} t LIMIT 1"))
+                .fetch_one(&mut *su)
+                .await
+                .unwrap();
+        let insert = sqlx::query(&format!(
+            "INSERT INTO {table} ({columns}) OVERRIDING SYSTEM VALUE \
+             SELECT {columns} FROM jsonb_populate_record(NULL::{table}, $1)"
+        ))
+        .bind(&row)
+        .execute(&mut *app)
+        .await;
+        match insert {
+            Err(e) => assert!(
+                e.to_string().contains("row-level security"),
+                "INSERT into {table} {how} must be refused by row-level security, got: {e}"
+            ),
+            Ok(_) => panic!("INSERT into {table} {how} was accepted"),
+        }
+        let updated = app
+            .execute(format!("UPDATE {table} SET {first} = {first}").as_str())
+            .await
+            .unwrap();
+        assert_eq!(updated.rows_affected(), 0, "UPDATE of {table} {how}");
+        let deleted = app
+            .execute(format!("DELETE FROM {table}").as_str())
+            .await
+            .unwrap();
+        assert_eq!(deleted.rows_affected(), 0, "DELETE from {table} {how}");
+        let after: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&mut *su)
+            .await
+            .unwrap();
+        assert_eq!(after, rows, "{table} unchanged {how}");
+    }
+}
+
 #[tokio::test]
-async fn without_identity_the_application_role_sees_nothing_and_writes_nothing() {
+async fn without_identity_the_application_role_sees_nothing_and_writes_nothing_in_any_rls_table() {
     let app = TestApp::spawn().await;
     app.create_lead("sales-de-1", TestApp::lead_body("Hidden"))
         .await;
-    let mut conn = PgConnection::connect(&app.db.app_url()).await.unwrap();
-    for table in [
-        "leads",
-        "lead_activities",
-        "audit_log",
-        "outbox",
-        "users",
-        "territories",
-    ] {
-        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-        assert_eq!(n, 0, "{table} must show no rows without identity");
+    // Every RLS table holds a row before the check: the event path fills inbox, cursor and
+    // projection (the cursor moves once the writing transaction is older than every running one).
+    for table in freshplan::db::RLS_TABLES {
+        wait_until(PATIENCE, &format!("a row in {table}"), || async {
+            app.count(&format!("SELECT count(*) FROM {table}")).await > 0
+        })
+        .await;
     }
-    let insert = conn
-        .execute(
-            "INSERT INTO leads (id, company_name, territory, business_type, source, owner_user_id, status, \
-             registered_at, created_at, updated_at, created_by, updated_by) VALUES (gen_random_uuid(), 'x', 'DE', \
-             'HOTEL', 'MESSE', 'sales-de-1', 'REGISTERED', now(), now(), now(), 'x', 'x')",
-        )
-        .await;
-    assert!(insert
-        .unwrap_err()
-        .to_string()
-        .contains("row-level security"));
-    let updated = conn
-        .execute("UPDATE leads SET company_name = 'hacked'")
-        .await
-        .unwrap();
-    assert_eq!(updated.rows_affected(), 0);
-    let audit = conn
-        .execute("INSERT INTO audit_log (actor_user_id, actor_role, action, entity_type, entity_id) VALUES ('x','admin','X','lead','1')")
-        .await;
-    assert!(audit.is_err(), "audit rows need an identity");
+    let mut su = app.db.superuser().await;
+    let mut conn = PgConnection::connect(&app.db.app_url()).await.unwrap();
+    assert_no_identity_sees_and_writes_nothing(&mut conn, &mut su, "without identity").await;
+
     // An empty setting is no identity either.
-    conn.execute("SELECT set_config('app.role', '', false), set_config('app.user_id', '', false)")
+    conn.execute("SELECT set_config('app.role', '', false), set_config('app.user_id', '', false), set_config('app.territory', '', false)")
         .await
         .unwrap();
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM leads")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(n, 0);
+    assert_no_identity_sees_and_writes_nothing(&mut conn, &mut su, "with an empty identity").await;
+
     // The identity set inside a transaction is gone after it.
     let mut tx = conn.begin().await.unwrap();
     tx.execute("SELECT set_config('app.role', 'admin', true)")
@@ -198,11 +244,12 @@ async fn without_identity_the_application_role_sees_nothing_and_writes_nothing()
         .unwrap();
     assert_eq!(n, 1);
     tx.commit().await.unwrap();
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM leads")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(n, 0, "transaction-local identity must not leak");
+    assert_no_identity_sees_and_writes_nothing(
+        &mut conn,
+        &mut su,
+        "after a transaction-local identity ended",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -247,8 +294,14 @@ async fn refused(url: &str) -> String {
 #[tokio::test]
 async fn the_service_refuses_to_start_as_a_role_that_could_bypass_rls() {
     let db = TestDb::create().await;
+    // The schema exists (TestDb::create migrated it), so the check gets past "schema is missing"
+    // to the role itself.
     let superuser = db.app_url().replace("freshplan_app@", "postgres@");
-    assert!(refused(&superuser).await.contains("superuser"));
+    let err = refused(&superuser).await;
+    assert!(
+        err.contains("runtime role `postgres` is a superuser, which bypasses row-level security"),
+        "{err}"
+    );
 
     // A role that owns the tables (here: a login member of the owner role).
     let mut admin = db.superuser().await;
