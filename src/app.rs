@@ -17,6 +17,8 @@ use utoipa::OpenApi;
 use crate::auth::jwt::Authenticator;
 use crate::cockpit::cache::WidgetCache;
 use crate::cockpit::projection::DailyEvents;
+use crate::cockpit::widget::{Statements, Widget};
+use crate::cockpit::CockpitState;
 use crate::config::Settings;
 use crate::error::ApiError;
 use crate::events::consumer::Dispatcher;
@@ -28,7 +30,10 @@ use crate::leads::LeadsState;
 use crate::pii::Vault;
 use crate::telemetry::health::{ListenerHealth, ProbePool};
 use crate::telemetry::metrics::{self, Metrics};
-use crate::{auth, db, events, leads, telemetry};
+use crate::{auth, cockpit, db, events, leads, telemetry};
+
+/// How long a lead-widget answer may be served from the cache when no event invalidated it.
+pub const WIDGET_CACHE_TTL: Duration = Duration::from_secs(60);
 
 /// Everything of one instance; cheap to clone. Only this module knows the whole of it: each
 /// context gets the parts it needs (its own state type, or single parts through `FromRef`).
@@ -50,6 +55,8 @@ pub struct AppState {
     pub dedupe: Arc<DedupeCache>,
     /// The lead-widget cache of this instance, invalidated by every consumed event.
     pub widget_cache: Arc<WidgetCache>,
+    /// The lead widget.
+    pub widget: Arc<Widget>,
     /// The leads use cases.
     pub leads: LeadService,
 }
@@ -72,7 +79,13 @@ impl AppState {
             settings.events.dedupe_cache_size,
             metrics.clone(),
         ));
-        let widget_cache = Arc::new(WidgetCache::new(metrics.clone()));
+        let widget_cache = Arc::new(WidgetCache::new(WIDGET_CACHE_TTL, metrics.clone()));
+        let widget = Arc::new(Widget {
+            pool: pool.clone(),
+            cache: widget_cache.clone(),
+            metrics: metrics.clone(),
+            statements: Statements::default(),
+        });
         let vault = Arc::new(vault);
         let leads = LeadService {
             pool: pool.clone(),
@@ -91,6 +104,7 @@ impl AppState {
             hub,
             dedupe,
             widget_cache,
+            widget,
             leads,
         })
     }
@@ -119,6 +133,9 @@ impl AppState {
         leads::http::add_activity,
         leads::http::list_activities,
         events::get_event,
+        cockpit::http::lead_widget,
+        cockpit::http::me,
+        cockpit::http::page,
         telemetry::health::live,
         telemetry::health::ready,
         metrics::metrics_endpoint,
@@ -132,8 +149,9 @@ impl AppState {
         leads::model::Activity,
         leads::model::NewActivity,
         leads::model::LeadPage,
+        cockpit::http::Me,
     )),
-    tags((name = "leads"), (name = "events"), (name = "operations")),
+    tags((name = "leads"), (name = "cockpit"), (name = "events"), (name = "operations")),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -182,9 +200,15 @@ pub fn router(state: AppState) -> Router {
         hub: state.hub.clone(),
         keepalive: Duration::from_secs(state.settings.events.sse_keepalive_seconds.max(1)),
     };
+    let cockpit = CockpitState {
+        auth: state.auth.clone(),
+        widget: state.widget.clone(),
+        widget_enabled: state.settings.features.lead_widget,
+    };
     let mut api = Router::new()
         .merge(leads::router(leads))
         .merge(events::router(events))
+        .merge(cockpit::router(cockpit))
         .route("/q/health/live", get(telemetry::health::live))
         .route("/q/health/ready", get(telemetry::health::ready))
         .route("/q/openapi", get(openapi));

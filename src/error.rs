@@ -51,6 +51,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("service unavailable: {0}")]
     Unavailable(String),
+    /// `minPosition` was not reflected within the bounded wait.
+    #[error("the numbers do not include position {0} yet; retry shortly")]
+    NotYetConsistentAt(i64),
     /// A serialization failure or deadlock that persisted after one retry.
     #[error("the change collided with concurrent changes; retry shortly")]
     Contention,
@@ -135,6 +138,11 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 "Service unavailable",
+            ),
+            NotYetConsistentAt(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-yet-consistent",
+                "Not yet consistent",
             ),
             Contention => (
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -213,8 +213,26 @@ async fn assert_no_identity_sees_and_writes_nothing(
 #[tokio::test]
 async fn without_identity_the_application_role_sees_nothing_and_writes_nothing_in_any_rls_table() {
     let app = TestApp::spawn().await;
-    app.create_lead("sales-de-1", TestApp::lead_body("Hidden"))
+    let lead = app
+        .create_lead("sales-de-1", TestApp::lead_body("Hidden"))
         .await;
+    let id = lead["id"].as_str().unwrap();
+    // A meaningful activity fills the daily roll-up; a follow-up row as the job would queue it.
+    let r = app
+        .client
+        .post(format!("{}/api/leads/{id}/activities", app.url))
+        .header("Authorization", app.bearer("sales-de-1"))
+        .json(&serde_json::json!({"type": "CALL"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    app.count(&format!(
+        "WITH f AS (INSERT INTO followups (id, lead_id, followup_type, status, territory, owner_user_id, queued_at) \
+         VALUES (gen_random_uuid(), '{id}', 'T3', 'QUEUED', 'DE', 'sales-de-1', now()) RETURNING 1) \
+         SELECT count(*) FROM f"
+    ))
+    .await;
     // Every RLS table holds a row before the check: the event path fills inbox, cursor and
     // projection (the cursor moves once the writing transaction is older than every running one).
     for table in freshplan::db::RLS_TABLES {

@@ -12,11 +12,18 @@ use sqlx::{Connection, Executor, PgConnection};
 use super::redact_url;
 
 /// Embedded migrations, applied in order; never edit one that has shipped.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "schema",
-    include_str!("../../migrations/0001_schema.sql"),
-)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "schema",
+        include_str!("../../migrations/0001_schema.sql"),
+    ),
+    (
+        2,
+        "cockpit",
+        include_str!("../../migrations/0002_cockpit.sql"),
+    ),
+];
 
 /// Role and database names taken from the runtime URL.
 #[derive(Debug, Clone)]

@@ -93,6 +93,9 @@ pub const RLS_TABLES: &[&str] = &[
     "inbox",
     "event_cursors",
     "cockpit_daily_events",
+    "followups",
+    "cockpit_lead_counts",
+    "cockpit_activity_daily",
 ];
 
 /// Refuses a runtime role that could bypass row-level security: a superuser, a role with

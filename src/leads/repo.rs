@@ -260,14 +260,17 @@ pub struct NewActivityRow<'a> {
     pub outcome: Option<&'a str>,
     pub occurred_at: DateTime<Utc>,
     pub user: &'a str,
+    /// The new status of a STATUS_CHANGE (the widget's conversions count it).
+    pub new_status: Option<LeadStatus>,
 }
 
-/// Inserts an activity; returns its id.
+/// Inserts an activity; returns its id. Triggers of migration 0002 copy the lead's audience
+/// onto it and keep the cockpit roll-ups exact.
 pub async fn insert_activity(tx: &mut Tx, a: &NewActivityRow<'_>) -> Result<Uuid, sqlx::Error> {
     let id = Uuid::now_v7();
     sqlx::query(
-        "INSERT INTO lead_activities (id, lead_id, activity_type, meaningful, description, outcome, occurred_at, user_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO lead_activities (id, lead_id, activity_type, meaningful, description, outcome, occurred_at, user_id, new_status) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(id)
     .bind(a.lead)
@@ -277,6 +280,7 @@ pub async fn insert_activity(tx: &mut Tx, a: &NewActivityRow<'_>) -> Result<Uuid
     .bind(a.outcome)
     .bind(a.occurred_at)
     .bind(a.user)
+    .bind(a.new_status)
     .execute(&mut **tx)
     .await?;
     Ok(id)

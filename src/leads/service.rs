@@ -188,6 +188,7 @@ pub async fn create_in(
             outcome: None,
             occurred_at: now,
             user: &caller.user_id,
+            new_status: None,
         },
     )
     .await?;
@@ -385,6 +386,7 @@ pub async fn patch_in(
                 outcome: None,
                 occurred_at: now,
                 user: &caller.user_id,
+                new_status: None,
             },
         )
         .await?;
@@ -411,6 +413,7 @@ pub async fn patch_in(
                 outcome: reason.as_deref(),
                 occurred_at: now,
                 user: &caller.user_id,
+                new_status: Some(status),
             },
         )
         .await?;
@@ -489,6 +492,7 @@ pub async fn add_activity_in(
             outcome: outcome.as_deref(),
             occurred_at,
             user: &caller.user_id,
+            new_status: None,
         },
     )
     .await?;

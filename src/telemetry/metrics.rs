@@ -20,6 +20,12 @@ use crate::error::ApiError;
 pub const EVENT_LATENCY_BUCKETS_MS: &[f64] =
     &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0];
 
+/// Widget answer buckets (milliseconds): a hit is expected well under 1 ms, a miss under 15 ms
+/// at 100,000 leads; the upper buckets show a database under pressure or a read-your-writes wait.
+pub const WIDGET_BUCKETS_MS: &[f64] = &[
+    0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 25.0, 50.0, 100.0, 250.0, 1000.0, 2500.0,
+];
+
 /// Every collector of one instance.
 pub struct Metrics {
     pub registry: Registry,
@@ -34,6 +40,7 @@ pub struct Metrics {
     pub dedupe_entries: Gauge,
     pub dedupe_hit_rate: Gauge,
     pub outbox_lag: GaugeVec,
+    pub widget_query: HistogramVec,
 }
 
 impl Metrics {
@@ -118,8 +125,17 @@ impl Metrics {
             ),
             &["consumer"]
         ));
+        let widget_query = reg!(HistogramVec::new(
+            HistogramOpts::new(
+                "freshplan_widget_query_ms",
+                "Lead widget answer time by scope and cache hit/miss"
+            )
+            .buckets(WIDGET_BUCKETS_MS.to_vec()),
+            &["scope", "cache"]
+        ));
         Metrics {
             registry,
+            widget_query,
             http_requests,
             http_duration,
             events_published,

@@ -1,0 +1,133 @@
+//! Cockpit HTTP: the lead widget, the caller's identity for the page, and the page itself
+//! (served from the binary; `web/` holds its files).
+
+use std::sync::Arc;
+
+use axum::extract::{FromRef, Query, State};
+use axum::http::header;
+use axum::response::{Html, IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::cache::Scope;
+use super::widget::{scope_for, Widget};
+use crate::auth::jwt::Authenticator;
+use crate::auth::Principal;
+use crate::error::{ApiError, ApiResult, AppJson};
+
+/// What the cockpit handlers need.
+#[derive(Clone, FromRef)]
+pub struct CockpitState {
+    pub auth: Arc<Authenticator>,
+    pub widget: Arc<Widget>,
+    /// `features.dashboard.lead-widget.enabled`.
+    #[from_ref(skip)]
+    pub widget_enabled: bool,
+}
+
+/// Query of `GET /api/cockpit/lead-widget`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
+pub struct WidgetParams {
+    /// `own`, `territory` or `all`; default by role (sales own, manager and viewer territory,
+    /// admin all).
+    #[param(value_type = Option<String>, pattern = "^(own|territory|all)$")]
+    pub scope: Option<String>,
+    /// Answer only once the numbers include this outbox position (the `FreshPlan-Position` of
+    /// the caller's write); waits up to 2 s, then 503 `not-yet-consistent`.
+    #[param(minimum = 1)]
+    pub min_position: Option<i64>,
+}
+
+/// The lead widget of the caller (CONTRACT.md "Lead widget").
+#[utoipa::path(get, path = "/api/cockpit/lead-widget", tag = "cockpit", params(WidgetParams),
+    responses(
+        (status = 200, description = "the widget JSON of CONTRACT.md; `position` is the outbox position the numbers include"),
+        (status = 401, description = "unauthenticated"),
+        (status = 403, description = "forbidden: the scope is not open to the caller's role"),
+        (status = 404, description = "feature-disabled (features.dashboard.lead-widget.enabled=false)"),
+        (status = 422, description = "invalid-field: unknown scope, minPosition not a positive integer"),
+        (status = 503, description = "not-yet-consistent: minPosition not reflected within 2 s (Retry-After)")))]
+pub async fn lead_widget(
+    State(state): State<CockpitState>,
+    caller: Principal,
+    query: Result<Query<WidgetParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    if !state.widget_enabled {
+        return Err(ApiError::FeatureDisabled(
+            "features.dashboard.lead-widget.enabled",
+        ));
+    }
+    let Query(q) = query.map_err(|e| ApiError::field(e.body_text()))?;
+    let requested = q
+        .scope
+        .as_deref()
+        .map(|s| {
+            Scope::parse(s).ok_or_else(|| {
+                ApiError::field(format!("scope must be own, territory or all, not `{s}`"))
+            })
+        })
+        .transpose()?;
+    if q.min_position.is_some_and(|p| p < 1) {
+        return Err(ApiError::field(
+            "minPosition must be a positive outbox position",
+        ));
+    }
+    let scope = scope_for(&caller, requested)?;
+    let answer = state.widget.answer(&caller, scope, q.min_position).await?;
+    Ok(([(header::CACHE_CONTROL, "no-store")], AppJson(answer.body)).into_response())
+}
+
+/// The caller as the service sees them.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Me {
+    pub user_id: String,
+    pub name: String,
+    pub role: String,
+    pub territory: String,
+}
+
+/// Who the caller is (the page shows it and offers the scopes of the role).
+#[utoipa::path(get, path = "/api/me", tag = "cockpit",
+    responses((status = 200, body = Me), (status = 401, description = "unauthenticated")))]
+pub async fn me(caller: Principal) -> AppJson<Me> {
+    AppJson(Me {
+        user_id: caller.user_id,
+        name: caller.name,
+        role: caller.role.to_string(),
+        territory: caller.territory.to_string(),
+    })
+}
+
+/// The Sales Cockpit page.
+#[utoipa::path(get, path = "/", tag = "cockpit", security(()),
+    responses((status = 200, description = "the Sales Cockpit page (HTML)", content_type = "text/html")))]
+pub async fn page() -> Html<&'static str> {
+    Html(include_str!("../../web/index.html"))
+}
+
+macro_rules! asset {
+    ($name:ident, $file:literal, $type:literal) => {
+        /// A static file of the page.
+        pub async fn $name() -> Response {
+            (
+                [
+                    (header::CONTENT_TYPE, $type),
+                    (header::CACHE_CONTROL, "public, max-age=300"),
+                ],
+                include_str!(concat!("../../web/", $file)),
+            )
+                .into_response()
+        }
+    };
+}
+
+asset!(app_js, "app.js", "text/javascript; charset=utf-8");
+asset!(app_css, "app.css", "text/css; charset=utf-8");
+asset!(
+    uplot_js,
+    "vendor/uPlot.min.js",
+    "text/javascript; charset=utf-8"
+);
+asset!(uplot_css, "vendor/uPlot.min.css", "text/css; charset=utf-8");
