@@ -571,9 +571,9 @@ async fn every_write_answers_with_the_outbox_position_of_its_event() {
         .unwrap();
     assert!(logged > created);
     assert_eq!(
-        app.count(&format!(
+        app.count(
             "SELECT max(position) FROM outbox WHERE event_type = 'dashboard.activity_logged'"
-        ))
+        )
         .await,
         logged
     );
