@@ -228,8 +228,8 @@ async fn without_identity_the_application_role_sees_nothing_and_writes_nothing_i
         .unwrap();
     assert_eq!(r.status(), 201);
     app.count(&format!(
-        "WITH f AS (INSERT INTO followups (id, lead_id, followup_type, status, territory, owner_user_id, queued_at) \
-         VALUES (gen_random_uuid(), '{id}', 'T3', 'QUEUED', 'DE', 'sales-de-1', now()) RETURNING 1) \
+        "WITH f AS (INSERT INTO followups (id, lead_id, followup_type, status, territory, owner_user_id, queued_at, sent_at) \
+         VALUES (gen_random_uuid(), '{id}', 'T3', 'SENT', 'DE', 'sales-de-1', now(), now()) RETURNING 1) \
          SELECT count(*) FROM f"
     ))
     .await;

@@ -206,6 +206,9 @@ impl Widget {
             }
         };
         let mut body = computed.widget.clone();
+        // Entries are shared by everyone with the same view (a territory's manager and viewer);
+        // the caller is the only per-caller field.
+        body["userId"] = Value::from(caller.user_id.as_str());
         body["isManagerView"] = Value::Bool(scope != Scope::Own);
         body["position"] = Value::from(computed.position);
         if caller.role == Role::Viewer {

@@ -3,55 +3,64 @@
 --   own: owner_user_id = $2   territory: territory = $3   all: true
 -- (one prepared statement per scope, so each gets the plan and indexes of its scope).
 WITH
-b AS (         -- every boundary computed once; 7 days = 168 h exactly, whatever the session TimeZone
-    SELECT $4::timestamptz AS now,
-           $4::timestamptz - interval '168 hours' AS w7,
-           $4::timestamptz - interval '336 hours' AS w14,
-           cockpit_day($4::timestamptz) AS today,
-           -- midnights (Europe/Berlin) of the 14 days and of tomorrow: 15 ascending instants
-           ARRAY(SELECT (cockpit_day($4::timestamptz) - 13 + i)::timestamp AT TIME ZONE 'Europe/Berlin'
-                 FROM generate_series(0, 14) i ORDER BY i) AS midnights
+b AS (          -- every boundary computed once; 7 days = 168 h exactly, whatever the session TimeZone
+    SELECT $4::timestamptz AS now, w7, w14,
+           cockpit_day($4::timestamptz) AS today, cockpit_day(w7) AS d7, cockpit_day(w14) AS d14
+    FROM (SELECT $4::timestamptz - interval '168 hours' AS w7,
+                 $4::timestamptz - interval '336 hours' AS w14) w
 ),
-fs AS (         -- SENT follow-ups of S from now - 14 days to the end of today, in <= 60 groups
-    SELECT k / 8 AS bucket,                  -- 1..14 = day index in daily (0 = before day 1)
-           k & 4 <> 0 AS cur, k & 2 <> 0 AS prev,
-           CASE WHEN k & 1 = 0 THEN 'T3' ELSE 'T7' END AS t,
-           n, responded, converted
-    FROM (SELECT width_bucket(f.sent_at, b.midnights) * 8          -- one int key: cheap hashing
-                 + CASE WHEN f.sent_at >= b.w7 AND f.sent_at < b.now THEN 4 ELSE 0 END
-                 + CASE WHEN f.sent_at >= b.w14 AND f.sent_at < b.w7 THEN 2 ELSE 0 END
-                 + CASE WHEN f.followup_type = 'T7' THEN 1 ELSE 0 END AS k,
-                 count(*) AS n,
-                 count(*) FILTER (WHERE f.responded_at IS NOT NULL) AS responded,
-                 count(*) FILTER (WHERE f.converted_at IS NOT NULL) AS converted
-          FROM b, followups f
-          WHERE f.status = 'SENT' AND NOT f.lead_deleted AND {{SCOPE}}
-            AND f.sent_at >= (SELECT w14 FROM b) AND f.sent_at < (SELECT midnights[15] FROM b)
-          GROUP BY 1) g
+edges AS (      -- the days the rate windows cut in two: [w14, end of its day), the whole day
+                -- of w7, [start of today, now). Only these are read from followups itself.
+    SELECT w14 AS lo, (d14 + 1)::timestamp AT TIME ZONE 'Europe/Berlin' AS hi FROM b
+    UNION ALL
+    SELECT d7::timestamp AT TIME ZONE 'Europe/Berlin', (d7 + 1)::timestamp AT TIME ZONE 'Europe/Berlin' FROM b
+    UNION ALL
+    SELECT today::timestamp AT TIME ZONE 'Europe/Berlin', now FROM b
 ),
-rates AS (      -- current window [now - 7d, now), previous [now - 14d, now - 7d)
-    SELECT coalesce(sum(n) FILTER (WHERE cur AND t = 'T3'), 0)         AS t3_n,
-           coalesce(sum(responded) FILTER (WHERE cur AND t = 'T3'), 0) AS t3_resp,
-           coalesce(sum(converted) FILTER (WHERE cur AND t = 'T3'), 0) AS t3_conv,
-           coalesce(sum(n) FILTER (WHERE cur AND t = 'T7'), 0)         AS t7_n,
-           coalesce(sum(responded) FILTER (WHERE cur AND t = 'T7'), 0) AS t7_resp,
-           coalesce(sum(converted) FILTER (WHERE cur AND t = 'T7'), 0) AS t7_conv,
-           coalesce(sum(n) FILTER (WHERE prev), 0)                     AS prev_n,
-           coalesce(sum(responded) FILTER (WHERE prev), 0)             AS prev_resp,
-           coalesce(sum(converted) FILTER (WHERE prev), 0)             AS prev_conv
-    FROM fs
+win AS (        -- per window (cur = [now-7d, now), prev = [now-14d, now-7d)) and type
+    SELECT f.sent_at >= b.w7 AS cur, f.followup_type = 'T7' AS t7, count(*) AS n,   -- booleans: no text sort
+           count(*) FILTER (WHERE f.responded_at IS NOT NULL) AS responded,
+           count(*) FILTER (WHERE f.converted_at IS NOT NULL) AS converted
+    FROM edges e
+    JOIN followups f ON f.sent_at >= e.lo AND f.sent_at < e.hi
+    CROSS JOIN b
+    WHERE f.status = 'SENT' AND NOT f.lead_deleted AND {{SCOPE}}
+      AND f.sent_at >= b.w14 AND f.sent_at < b.now
+    GROUP BY 1, 2
+    UNION ALL   -- whole days strictly inside a window
+    SELECT d.day > b.d7, d.followup_type = 'T7', sum(d.sent), sum(d.responded), sum(d.converted)
+    FROM cockpit_followup_daily d CROSS JOIN b
+    WHERE {{SCOPE}}
+      AND d.day > (SELECT d14 FROM b) AND d.day < (SELECT today FROM b) AND d.day <> b.d7
+    GROUP BY 1, 2
+),
+rates AS (
+    SELECT coalesce(sum(n) FILTER (WHERE cur AND NOT t7), 0)         AS t3_n,
+           coalesce(sum(responded) FILTER (WHERE cur AND NOT t7), 0) AS t3_resp,
+           coalesce(sum(converted) FILTER (WHERE cur AND NOT t7), 0) AS t3_conv,
+           coalesce(sum(n) FILTER (WHERE cur AND t7), 0)         AS t7_n,
+           coalesce(sum(responded) FILTER (WHERE cur AND t7), 0) AS t7_resp,
+           coalesce(sum(converted) FILTER (WHERE cur AND t7), 0) AS t7_conv,
+           coalesce(sum(n) FILTER (WHERE NOT cur), 0)                  AS prev_n,
+           coalesce(sum(responded) FILTER (WHERE NOT cur), 0)          AS prev_resp,
+           coalesce(sum(converted) FILTER (WHERE NOT cur), 0)          AS prev_conv
+    FROM win
 ),
 daily AS (      -- the 14 Berlin days ending today, every day present
-    SELECT b.today - 14 + i AS day,
-           coalesce((SELECT sum(n) FROM fs WHERE bucket = i AND t = 'T3'), 0) AS t3,
-           coalesce((SELECT sum(n) FROM fs WHERE bucket = i AND t = 'T7'), 0) AS t7,
+    SELECT day, coalesce(s.t3, 0) AS t3, coalesce(s.t7, 0) AS t7,
            coalesce(a.responses, 0) AS responses, coalesce(a.conversions, 0) AS conversions
-    FROM b CROSS JOIN generate_series(1, 14) i
+    FROM (SELECT (SELECT today FROM b) - 14 + i AS day FROM generate_series(1, 14) i) days
+    LEFT JOIN (SELECT day, sum(sent) FILTER (WHERE followup_type = 'T3') AS t3,
+                           sum(sent) FILTER (WHERE followup_type = 'T7') AS t7
+               FROM cockpit_followup_daily
+               WHERE {{SCOPE}}
+                 AND day BETWEEN cockpit_day($4::timestamptz) - 13 AND cockpit_day($4::timestamptz)
+               GROUP BY 1) s USING (day)
     LEFT JOIN (SELECT day, sum(responses) AS responses, sum(conversions) AS conversions
                FROM cockpit_activity_daily
                WHERE {{SCOPE}}
                  AND day BETWEEN cockpit_day($4::timestamptz) - 13 AND cockpit_day($4::timestamptz)
-               GROUP BY 1) a ON a.day = b.today - 14 + i
+               GROUP BY 1) a USING (day)
 ),
 counts AS (
     SELECT coalesce(sum(n) FILTER (WHERE status <> 'DELETED'), 0)     AS total,
@@ -98,8 +107,8 @@ SELECT jsonb_build_object(
                        WHERE status = 'ACTIVE' AND NOT clock_stopped AND email_consent
                          AND NOT contact_blocked AND t3_sent_at IS NOT NULL AND t7_sent_at IS NULL
                          AND {{SCOPE}} AND registered_at <= $4::timestamptz - interval '168 hours'),
-    'completedT3Today', (SELECT coalesce(sum(n), 0) FROM fs WHERE bucket = 14 AND t = 'T3'),
-    'completedT7Today', (SELECT coalesce(sum(n), 0) FROM fs WHERE bucket = 14 AND t = 'T7'),
+    'completedT3Today', (SELECT t3 FROM daily WHERE day = cockpit_day($4::timestamptz)),
+    'completedT7Today', (SELECT t7 FROM daily WHERE day = cockpit_day($4::timestamptz)),
     't3ResponseRate',   CASE WHEN t3_n > 0 THEN t3_resp::float8 / t3_n ELSE 0.0 END,
     't7ResponseRate',   CASE WHEN t7_n > 0 THEN t7_resp::float8 / t7_n ELSE 0.0 END,
     't3ConversionRate', CASE WHEN t3_n > 0 THEN t3_conv::float8 / t3_n ELSE 0.0 END,
@@ -126,4 +135,3 @@ SELECT jsonb_build_object(
                             ORDER BY at DESC, id DESC), '[]')
                         FROM recent_followups))
 FROM rates
-

@@ -96,6 +96,7 @@ pub const RLS_TABLES: &[&str] = &[
     "followups",
     "cockpit_lead_counts",
     "cockpit_activity_daily",
+    "cockpit_followup_daily",
 ];
 
 /// Refuses a runtime role that could bypass row-level security: a superuser, a role with
