@@ -10,7 +10,6 @@ use freshplan::db;
 use freshplan::identity::Principal;
 use freshplan::leads::domain::{ActivityType, BusinessType, LeadSource, LeadStatus};
 use freshplan::leads::model::{CreateLead, NewActivity, PatchLead};
-use freshplan::territory::Territory;
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
