@@ -329,6 +329,17 @@ pub async fn seed(pool: &PgPool, vault: &Vault, leads: usize) -> anyhow::Result<
         let mut tx = db::begin_as(pool, &system).await?;
         report.leads += l.insert(&mut tx, vault.active_key_id()).await?;
         report.activities += a.insert(&mut tx).await?;
+        // The T+3/T+7 mails these leads already got, as the follow-up job records them.
+        sqlx::query(
+            "INSERT INTO followups (id, lead_id, followup_type, status, territory, owner_user_id, attempts, queued_at, sent_at) \
+             SELECT gen_random_uuid(), id, t, 'SENT', territory, owner_user_id, 1, at, at \
+             FROM leads, LATERAL (VALUES ('T3', t3_sent_at), ('T7', t7_sent_at)) AS f(t, at) \
+             WHERE id = ANY($1) AND at IS NOT NULL \
+             ON CONFLICT (lead_id, followup_type) DO NOTHING",
+        )
+        .bind(&l.id)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
     }
     if report.leads > 0 {
