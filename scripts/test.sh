@@ -3,7 +3,8 @@
 # run under cargo-tarpaulin so the line coverage of the server code is measured and enforced.
 #
 # Needs: a PostgreSQL server on 127.0.0.1:5432 with a superuser `postgres` reachable without a
-# password (the machine's default; started here if it is installed but not running).
+# password (the machine's default; started here if it is installed but not running), and root
+# for apt-get when promtool, amtool or chromedriver are missing.
 # Benchmarks are not tests: only library, binary and integration-test targets run here (a bench
 # run in a debug build would only measure the debug build); `cargo bench` runs them.
 #
@@ -22,6 +23,18 @@ if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
 fi
 for _ in $(seq 1 30); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 1; done
 pg_isready -h 127.0.0.1 -p 5432
+# Tools the tests call (never skipped when missing: installed here from Debian's packages):
+# promtool/amtool for the metrics lint and the ops files, Chromium and ChromeDriver for the page.
+need_apt=()
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v amtool >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium chromium-driver)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing ${need_apt[*]}"
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need_apt[@]}"
+fi
+
 # Each test makes a database of its own; drop them before (left by an interrupted run) and after.
 drop_test_databases() {
   psql -h 127.0.0.1 -U postgres -d postgres -Atc \

@@ -73,6 +73,7 @@ impl AppState {
         db::check_runtime_role(&pool).await?;
         let probe = ProbePool(db::connect(&settings.database_url, 1, "freshplan-health").await?);
         let metrics = Arc::new(Metrics::new());
+        let listener_health = Arc::new(ListenerHealth::new(metrics.listener_connected.clone()));
         let publisher = Publisher::new(metrics.clone());
         let hub = Hub::new(settings.events.sse_queue_size, metrics.clone());
         let dedupe = Arc::new(DedupeCache::new(
@@ -100,7 +101,7 @@ impl AppState {
             vault,
             metrics,
             publisher,
-            listener_health: Arc::new(ListenerHealth::default()),
+            listener_health,
             hub,
             dedupe,
             widget_cache,

@@ -300,6 +300,16 @@ impl Dispatcher {
         }
     }
 
+    /// Samples PostgreSQL's notification queue (`freshplan_notify_queue_usage`): a full queue
+    /// makes every NOTIFY fail, so operators are warned long before.
+    pub async fn sample_notify_queue(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        let usage: f64 = sqlx::query_scalar("SELECT pg_notification_queue_usage()")
+            .fetch_one(pool)
+            .await?;
+        self.metrics.notify_queue_usage.set(usage);
+        Ok(())
+    }
+
     /// Sets `freshplan_outbox_lag_seconds` for every durable consumer.
     pub fn set_lag(&self, oldest_unconsumed: Option<DateTime<Utc>>) {
         let lag = oldest_unconsumed

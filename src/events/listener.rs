@@ -298,7 +298,13 @@ impl Listener {
                     }
                 }
                 _ = self.wake.notified() => {}
-                _ = poll.tick() => {}
+                _ = poll.tick() => {
+                    scanner
+                        .dispatcher
+                        .sample_notify_queue(scanner.pool()?)
+                        .await
+                        .context("sampling the notification queue")?;
+                }
             }
             if *stop.borrow() {
                 return Ok(());

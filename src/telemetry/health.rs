@@ -9,11 +9,13 @@ use axum::Json;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-/// State of this instance's event listener, shared with the `lead-event-handler` check.
-#[derive(Debug, Default)]
+/// State of this instance's event listener, shared with the `lead-event-handler` check and
+/// mirrored in the `freshplan_listener_connected` gauge.
+#[derive(Debug)]
 pub struct ListenerHealth {
     state: AtomicU8,
     backend_pid: AtomicI32,
+    connected: prometheus::Gauge,
 }
 
 /// What the listener is doing.
@@ -30,6 +32,17 @@ impl ListenerHealth {
     /// Records a new state.
     pub fn set(&self, s: ListenerState) {
         self.state.store(s as u8, Ordering::SeqCst);
+        let connected = matches!(s, ListenerState::CatchingUp | ListenerState::Live);
+        self.connected.set(if connected { 1.0 } else { 0.0 });
+    }
+
+    /// A health state reported into `connected` (the registered gauge).
+    pub fn new(connected: prometheus::Gauge) -> Self {
+        ListenerHealth {
+            state: AtomicU8::new(ListenerState::Disconnected as u8),
+            backend_pid: AtomicI32::new(0),
+            connected,
+        }
     }
 
     /// Records the PostgreSQL backend pid of the current LISTEN connection.

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub dedupe_hit_rate: Gauge,
     pub outbox_lag: GaugeVec,
     pub widget_query: HistogramVec,
+    pub listener_connected: Gauge,
+    pub notify_queue_usage: Gauge,
 }
 
 impl Metrics {
@@ -110,6 +112,14 @@ impl Metrics {
             ),
             &["update_type"]
         ));
+        let listener_connected = reg!(Gauge::new(
+            "freshplan_listener_connected",
+            "1 while this instance's event listener holds its LISTEN connection, else 0"
+        ));
+        let notify_queue_usage = reg!(Gauge::new(
+            "freshplan_notify_queue_usage",
+            "PostgreSQL's pg_notification_queue_usage() (0..1), sampled by the listener"
+        ));
         let dedupe_entries = reg!(Gauge::new(
             "freshplan_dedupe_cache_entries",
             "Entries in the in-memory dedupe cache"
@@ -133,9 +143,13 @@ impl Metrics {
             .buckets(WIDGET_BUCKETS_MS.to_vec()),
             &["scope", "cache"]
         ));
+        // Exported from the start, so dashboards and alerts see 0 rather than no series.
+        active_widgets.with_label_values(&["sse"]).set(0);
         Metrics {
             registry,
             widget_query,
+            listener_connected,
+            notify_queue_usage,
             http_requests,
             http_duration,
             events_published,
