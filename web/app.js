@@ -446,14 +446,16 @@
     const [arrow, word] = TREND[direction];
     const change = fmtChange(trend.changePercent);
     node.dataset.direction = direction;
-    node.setAttribute('aria-label', `Trend ${word}: ${change} gegenüber der Vorwoche`);
+    // The API has one trend for T+3 and T+7 together (CONTRACT.md): say so, or a T+7 tile at
+    // 0,0 % would show the rise of T+3 as its own.
+    node.setAttribute('aria-label', `Trend T+3 und T+7 zusammen ${word}: ${change} gegenüber der Vorwoche`);
     node.title = isNum(trend.current) && isNum(trend.previous)
-      ? `Diese 7 Tage: ${fmtRate(trend.current)} · Vorwoche: ${fmtRate(trend.previous)}`
+      ? `T+3 und T+7 zusammen – diese 7 Tage: ${fmtRate(trend.current)} · Vorwoche: ${fmtRate(trend.previous)}`
       : '';
     node.append(
       el('span', { class: 'trend-pill', 'data-direction': direction },
         el('span', { class: 'trend-arrow', 'aria-hidden': 'true', text: arrow }), change),
-      el('span', { class: 'trend-note', text: 'ggü. Vorwoche' }),
+      el('span', { class: 'trend-note', text: 'T+3/T+7 ggü. Vorwoche' }),
     );
   }
 
