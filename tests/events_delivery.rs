@@ -20,24 +20,6 @@ use uuid::Uuid;
 
 const CREATED: &str = "dashboard.lead_created";
 
-fn activity_event(owner: &str, territory: Territory) -> NewEvent {
-    let lead = Uuid::now_v7();
-    let now = envelope::micros(Utc::now());
-    NewEvent::new(
-        EventType::ActivityLogged,
-        Some(lead),
-        now,
-        envelope::key_activity(Uuid::now_v7()),
-        json!({"leadId": lead, "activityType": "CALL", "ownerUserId": owner, "territory": territory,
-               "userId": owner, "occurredAt": envelope::ts(now)}),
-        Audience {
-            territory,
-            owner: Some(owner.into()),
-            collaborators: vec![],
-        },
-    )
-}
-
 async fn inbox_has(app: &TestApp, key: Uuid) -> bool {
     app.count(&format!(
         "SELECT count(*) FROM inbox WHERE idempotency_key = '{key}'"

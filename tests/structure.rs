@@ -10,11 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use common::*;
 use freshplan::db;
 use freshplan::error::ApiError;
-use freshplan::events::envelope::{self, Audience, EventType, NewEvent};
 use freshplan::events::outbox;
 use freshplan::territory::Territory;
 use rand::SeedableRng;
@@ -162,24 +160,6 @@ async fn the_demo_live_step_changes_a_lead_through_the_leads_service_and_publish
     );
 }
 
-fn direct_event(owner: &str, territory: Territory) -> NewEvent {
-    let lead = Uuid::now_v7();
-    let now = envelope::micros(Utc::now());
-    NewEvent::new(
-        EventType::ActivityLogged,
-        Some(lead),
-        now,
-        envelope::key_activity(Uuid::now_v7()),
-        json!({"leadId": lead, "activityType": "CALL", "ownerUserId": owner, "territory": territory,
-               "userId": owner, "occurredAt": envelope::ts(now)}),
-        Audience {
-            territory,
-            owner: Some(owner.into()),
-            collaborators: vec![],
-        },
-    )
-}
-
 #[tokio::test]
 async fn with_the_request_pool_exhausted_by_slow_requests_the_listener_keeps_delivering_and_readiness_stays_up(
 ) {
@@ -246,7 +226,7 @@ async fn with_the_request_pool_exhausted_by_slow_requests_the_listener_keeps_del
     let p = freshplan::demo::principal("sales-de-2").unwrap();
     let mut keys = HashSet::new();
     for _ in 0..20 {
-        let ev = direct_event("sales-de-2", Territory::DE);
+        let ev = activity_event("sales-de-2", Territory::DE);
         keys.insert(ev.key.to_string());
         let mut tx = db::begin_as(&writer, &p).await.unwrap();
         outbox::append(&mut tx, &ev).await.unwrap();

@@ -10,6 +10,7 @@ use freshplan::auth::jwt::Authenticator;
 use freshplan::auth::{Principal, Role};
 use freshplan::config::Settings;
 use freshplan::db::bootstrap;
+use freshplan::events::envelope;
 use freshplan::pii::Vault;
 use freshplan::territory::Territory;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -465,4 +466,24 @@ pub fn metric_in(text: &str, sample: &str) -> f64 {
 /// `freshplan_events_consumed_total` sample name.
 pub fn consumed(event_type: &str, result: &str) -> String {
     format!("freshplan_events_consumed_total{{event_type=\"{event_type}\",module=\"lead-management\",result=\"{result}\"}}")
+}
+
+/// An activity event about a lead that does not exist, written straight into the outbox by a
+/// test (as another writer on the same database would).
+pub fn activity_event(owner: &str, territory: Territory) -> envelope::NewEvent {
+    let lead = uuid::Uuid::now_v7();
+    let now = envelope::micros(chrono::Utc::now());
+    envelope::NewEvent::new(
+        envelope::EventType::ActivityLogged,
+        Some(lead),
+        now,
+        envelope::key_activity(uuid::Uuid::now_v7()),
+        serde_json::json!({"leadId": lead, "activityType": "CALL", "ownerUserId": owner, "territory": territory,
+               "userId": owner, "occurredAt": envelope::ts(now)}),
+        envelope::Audience {
+            territory,
+            owner: Some(owner.into()),
+            collaborators: vec![],
+        },
+    )
 }
