@@ -23,6 +23,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "cockpit",
         include_str!("../../migrations/0002_cockpit.sql"),
     ),
+    (
+        3,
+        "defence",
+        include_str!("../../migrations/0003_defence.sql"),
+    ),
 ];
 
 /// Role and database names taken from the runtime URL.
@@ -169,12 +174,24 @@ async fn apply(conn: &mut PgConnection, app: &str, db: &str) -> anyhow::Result<(
         tracing::info!(version, name, "applied migration");
     }
     // Privileges: plain DML, row-level security decides which rows. The app owns nothing.
+    // Applied after every run, so each line also repairs a database migrated by an older
+    // version (migration 0003 explains the rules these complete):
+    // - only the application role (and the owner's members) may connect; nobody creates temp
+    //   objects (which could shadow the schema's names);
+    // - `users` is inserted by the system principal's demo seed only (INSERT … ON CONFLICT DO
+    //   NOTHING): no UPDATE, no DELETE;
+    // - sequences are read (the doorbell rings with `last_value`), never advanced: identity
+    //   columns need no privilege on their sequence, nextval/setval by hand would.
     let grants = format!(
-        "GRANT CONNECT ON DATABASE {db} TO {app};
+        "REVOKE CONNECT, TEMPORARY ON DATABASE {db} FROM PUBLIC;
+         REVOKE TEMPORARY ON DATABASE {db} FROM {app};
+         GRANT CONNECT ON DATABASE {db} TO {app};
          GRANT USAGE ON SCHEMA public TO {app};
          GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {app};
          REVOKE INSERT, UPDATE, DELETE ON schema_migrations FROM {app};
-         GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {app};
+         REVOKE UPDATE, DELETE ON users FROM {app};
+         REVOKE USAGE, UPDATE ON ALL SEQUENCES IN SCHEMA public FROM {app};
+         GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {app};
          GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {app};
          REVOKE CREATE ON SCHEMA public FROM PUBLIC;"
     );
