@@ -15,6 +15,7 @@ ALERTS="$OPS/prometheus/alerts.yml"
 ALERT_TESTS="$OPS/prometheus/alerts.test.yml"
 PROM_CONFIG="$OPS/prometheus/prometheus.yml"
 AM_CONFIG="$OPS/alertmanager/alertmanager.yml"
+RUNBOOK="$OPS/../docs/runbook.md"
 
 missing=()
 for tool in promtool amtool python3; do
@@ -283,17 +284,76 @@ run "alert unit tests catch broken alerts (never fires / always fires / no 'for'
 run "prometheus: promtool check config ops/prometheus/prometheus.yml" promtool check config "$PROM_CONFIG"
 run "alertmanager: amtool check-config ops/alertmanager/alertmanager.yml" amtool check-config "$AM_CONFIG"
 
+# Routing: critical pages through PagerDuty, warnings and anything without a known severity go
+# to Slack #freshplan-alerts.
 check_routes() {
-    local severity want got
-    for severity in critical warning; do
-        want="$severity-webhook"
-        got="$(amtool config routes test --config.file="$AM_CONFIG" severity="$severity" alertname=Test 2>"$TMP/amtool.err")" ||
+    local case labels want got
+    for case in "severity=critical:pagerduty-critical" "severity=warning:slack-freshplan-alerts" \
+        "severity=none:slack-freshplan-alerts"; do
+        labels="${case%%:*}" want="${case#*:}"
+        got="$(amtool config routes test --config.file="$AM_CONFIG" "$labels" alertname=Test 2>"$TMP/amtool.err")" ||
             { cat "$TMP/amtool.err"; return 1; }
-        echo "severity=$severity -> $got"
+        echo "$labels -> $got"
         [[ "$got" == "$want" ]] || { echo "expected $want"; return 1; }
     done
 }
-run "alertmanager: routing by severity (amtool config routes test)" check_routes
+run "alertmanager: routing (amtool config routes test): critical -> pagerduty-critical, rest -> slack-freshplan-alerts" check_routes
+
+# The receivers are what their names say (amtool only checks that the configuration is valid).
+cat >"$TMP/receivers.py" <<'EOF'
+import re, sys
+text = open(sys.argv[1], encoding="utf-8").read()
+section = text.split("\nreceivers:", 1)[1].split("\ninhibit_rules:", 1)[0]
+blocks = {b.split()[0]: b for b in re.split(r"(?m)^  - name:\s*", section)[1:]}
+errors = []
+pd = blocks.get("pagerduty-critical", "")
+if not (re.search(r"(?m)^\s+pagerduty_configs:", pd) and re.search(r"(?m)^\s+- routing_key(_file)?:\s*\S", pd)):
+    errors.append("pagerduty-critical: no pagerduty_configs with routing_key_file (or routing_key)")
+sl = blocks.get("slack-freshplan-alerts", "")
+if not (re.search(r"(?m)^\s+slack_configs:", sl) and re.search(r"(?m)^\s+channel:\s*[\"']#freshplan-alerts[\"']", sl)):
+    errors.append("slack-freshplan-alerts: no slack_configs with channel '#freshplan-alerts'")
+if not re.search(r"(?m)^\s+(- )?api_url(_file)?:\s*\S", sl):
+    errors.append("slack-freshplan-alerts: no api_url_file (or api_url)")
+for m in re.finditer(r"(?m)^\s+(?:- )?(routing_key|service_key|api_url):\s*(\S+)", text):
+    if m.group(2).strip("\"'") != "<secret>":
+        errors.append(f"{m.group(1)} written inline: use {m.group(1)}_file")
+for e in errors:
+    print("error:", e)
+print("receivers:", ", ".join(blocks))
+sys.exit(1 if errors else 0)
+EOF
+run "alertmanager: pagerduty-critical is PagerDuty, slack-freshplan-alerts posts to #freshplan-alerts, secrets from files" \
+    python3 "$TMP/receivers.py" "$AM_CONFIG"
+
+# ---------------------------------------------------------------------------------------------
+# Runbook: every alert links to a section of its own in docs/runbook.md.
+cat >"$TMP/runbook.py" <<'EOF'
+import re, sys
+alerts = open(sys.argv[1], encoding="utf-8").read()
+runbook = open(sys.argv[2], encoding="utf-8").read()
+def slug(heading):   # GitHub's heading anchors
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+anchors = {slug(h) for h in re.findall(r"(?m)^#{1,6}\s+(.+?)\s*$", runbook)}
+errors, seen = [], {}
+for block in re.split(r"(?m)^\s*- alert:\s*", alerts)[1:]:
+    name = block.split()[0]
+    m = re.search(r"(?m)^\s+runbook_url:\s*[\"']?docs/runbook\.md#([\w-]+)[\"']?\s*$", block)
+    if not m:
+        errors.append(f"{name}: no runbook_url docs/runbook.md#<anchor>")
+        continue
+    anchor = m.group(1)
+    if anchor not in anchors:
+        errors.append(f"{name}: docs/runbook.md has no heading with anchor #{anchor}")
+    if anchor in seen:
+        errors.append(f"{name}: shares #{anchor} with {seen[anchor]} (one section per alert)")
+    seen[anchor] = name
+    print(f"{name} -> #{anchor}")
+for e in errors:
+    print("error:", e)
+sys.exit(1 if errors else 0)
+EOF
+run "runbook: every alert's runbook_url is a section of its own in docs/runbook.md" \
+    python3 "$TMP/runbook.py" "$ALERTS" "$RUNBOOK"
 
 echo
 elapsed=$((SECONDS - started))
