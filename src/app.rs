@@ -15,6 +15,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::OpenApi;
 
 use crate::auth::jwt::Authenticator;
+use crate::auth::users::Users;
 use crate::cockpit::cache::WidgetCache;
 use crate::cockpit::projection::DailyEvents;
 use crate::cockpit::widget::{Statements, Widget};
@@ -75,7 +76,17 @@ impl AppState {
         let metrics = Arc::new(Metrics::new());
         let listener_health = Arc::new(ListenerHealth::new(metrics.listener_connected.clone()));
         let publisher = Publisher::new(metrics.clone());
-        let hub = Hub::new(settings.events.sse_queue_size, metrics.clone());
+        let hub = Hub::with_limit(
+            settings.events.sse_queue_size,
+            settings.stream_max_per_principal,
+            metrics.clone(),
+        );
+        // The user table admits every token's caller (cached for users.refresh-seconds).
+        let users = Arc::new(Users::new(
+            pool.clone(),
+            Duration::from_secs(settings.users_refresh_seconds),
+        ));
+        let auth = auth.with_users(users);
         let dedupe = Arc::new(DedupeCache::new(
             settings.events.dedupe_cache_size,
             metrics.clone(),
@@ -261,6 +272,7 @@ impl Server {
             state.dispatcher(),
             state.listener_health.clone(),
             state.hub.clone(),
+            &state.auth,
         )
         .await?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -41,7 +41,7 @@ const KEYS: &[Key] = &[
         name: "freshplan.security.allow-unauthenticated-publisher",
         default: "false",
         alias_env: None,
-        doc: "true only in tests",
+        doc: "tests and --demo only (refused otherwise): an anonymous change acts as anonymous-publisher",
     },
     Key {
         name: "freshplan.security.rls.enabled",
@@ -98,10 +98,28 @@ const KEYS: &[Key] = &[
         doc: "required iss claim, if set",
     },
     Key {
+        name: "freshplan.auth.jwt.audience",
+        default: "\"\"",
+        alias_env: None,
+        doc: "required aud claim (Keycloak client id), if set",
+    },
+    Key {
+        name: "freshplan.auth.jwt.max-lifetime-seconds",
+        default: "43200",
+        alias_env: None,
+        doc: "tokens whose exp lies further ahead are refused",
+    },
+    Key {
+        name: "freshplan.auth.users.refresh-seconds",
+        default: "5",
+        alias_env: None,
+        doc: "user rows are cached this long; streams of deactivated users end within it",
+    },
+    Key {
         name: "freshplan.auth.dev-login.enabled",
         default: "false",
         alias_env: None,
-        doc: "development login page and session cookie (on with --demo)",
+        doc: "development login page and session cookie (--demo only; refused otherwise)",
     },
     Key {
         name: "freshplan.pii.key-file",
@@ -158,6 +176,12 @@ const KEYS: &[Key] = &[
         doc: "SSE keep-alive comment interval",
     },
     Key {
+        name: "freshplan.stream.max-per-principal",
+        default: "5",
+        alias_env: None,
+        doc: "open SSE streams per user and instance; the oldest gets event: replaced",
+    },
+    Key {
         name: "freshplan.http.max-body-bytes",
         default: "65536",
         alias_env: None,
@@ -193,12 +217,38 @@ pub struct Features {
 }
 
 /// How tokens are verified.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct JwtSettings {
     pub secret: String,
     pub public_key_file: Option<PathBuf>,
     pub jwks_file: Option<PathBuf>,
+    /// Required `iss`; must be set with a public key or JWKS file.
     pub issuer: Option<String>,
+    /// Required `aud`, if set.
+    pub audience: Option<String>,
+    /// Tokens whose `exp` lies further ahead than this are refused.
+    pub max_lifetime_seconds: u64,
+    /// Not a configuration key: the file of the random development secret of a data folder
+    /// (`serve --demo` creates it, `token` reads it), used only when no key is configured and
+    /// the caller allows the development secret.
+    pub demo_secret_file: Option<PathBuf>,
+}
+
+/// Default of `freshplan.auth.jwt.max-lifetime-seconds` (12 h).
+pub const DEFAULT_MAX_TOKEN_LIFETIME_SECONDS: u64 = 12 * 3600;
+
+impl Default for JwtSettings {
+    fn default() -> Self {
+        JwtSettings {
+            secret: String::new(),
+            public_key_file: None,
+            jwks_file: None,
+            issuer: None,
+            audience: None,
+            max_lifetime_seconds: DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
+            demo_secret_file: None,
+        }
+    }
 }
 
 /// Where PII keys come from (see `pii`). `Debug` shows which sources are set, never key material.
@@ -252,9 +302,14 @@ pub struct Settings {
     pub owner_role: String,
     pub pool_size: u32,
     pub jwt: JwtSettings,
+    /// `freshplan.auth.users.refresh-seconds`: TTL of cached user rows and interval of the
+    /// open-stream check.
+    pub users_refresh_seconds: u64,
     pub dev_login: bool,
     pub pii: PiiSettings,
     pub events: EventSettings,
+    /// `freshplan.stream.max-per-principal`
+    pub stream_max_per_principal: usize,
     pub max_body_bytes: usize,
 }
 
@@ -343,6 +398,7 @@ impl Settings {
             ));
         }
         let issuer: String = get(f, "freshplan.auth.jwt.issuer")?;
+        let audience: String = get(f, "freshplan.auth.jwt.audience")?;
         let settings = Settings {
             features: Features {
                 lead_widget: get(f, "features.dashboard.lead-widget.enabled")?,
@@ -362,7 +418,11 @@ impl Settings {
                 public_key_file: path(f, "freshplan.auth.jwt.public-key-file")?,
                 jwks_file: path(f, "freshplan.auth.jwt.jwks-file")?,
                 issuer: (!issuer.is_empty()).then_some(issuer),
+                audience: (!audience.is_empty()).then_some(audience),
+                max_lifetime_seconds: get(f, "freshplan.auth.jwt.max-lifetime-seconds")?,
+                demo_secret_file: None,
             },
+            users_refresh_seconds: get(f, "freshplan.auth.users.refresh-seconds")?,
             dev_login: get(f, "freshplan.auth.dev-login.enabled")?,
             pii: PiiSettings {
                 key_file: path(f, "freshplan.pii.key-file")?,
@@ -377,6 +437,7 @@ impl Settings {
                 sse_queue_size: get(f, "freshplan.events.sse-queue-size")?,
                 sse_keepalive_seconds: get(f, "freshplan.events.sse-keepalive-seconds")?,
             },
+            stream_max_per_principal: get(f, "freshplan.stream.max-per-principal")?,
             max_body_bytes: get(f, "freshplan.http.max-body-bytes")?,
         };
         settings.validate()?;
@@ -426,6 +487,33 @@ impl Settings {
                 "must be at least 32 bytes long",
             ));
         }
+        if (self.jwt.public_key_file.is_some() || self.jwt.jwks_file.is_some())
+            && self.jwt.issuer.is_none()
+        {
+            return Err(invalid(
+                "freshplan.auth.jwt.issuer",
+                "is required with freshplan.auth.jwt.public-key-file or freshplan.auth.jwt.jwks-file \
+                 (the identity provider's issuer URL)",
+            ));
+        }
+        if !(60..=7 * 24 * 3600).contains(&self.jwt.max_lifetime_seconds) {
+            return Err(invalid(
+                "freshplan.auth.jwt.max-lifetime-seconds",
+                "must be between 60 and 604800",
+            ));
+        }
+        if !(1..=300).contains(&self.users_refresh_seconds) {
+            return Err(invalid(
+                "freshplan.auth.users.refresh-seconds",
+                "must be between 1 and 300",
+            ));
+        }
+        if !(1..=100).contains(&self.stream_max_per_principal) {
+            return Err(invalid(
+                "freshplan.stream.max-per-principal",
+                "must be between 1 and 100",
+            ));
+        }
         if self.max_body_bytes < 1024 {
             return Err(invalid(
                 "freshplan.http.max-body-bytes",
@@ -439,6 +527,27 @@ impl Settings {
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return Err(invalid(key, "must be a postgres:// URL"));
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses, for `freshplan serve` without `--demo`, the switches that only tests and the demo
+    /// may use: `freshplan.auth.dev-login.enabled` (anyone could pick any user) and
+    /// `freshplan.security.allow-unauthenticated-publisher` (anyone could write). Tests build
+    /// the application through the library and never pass through here.
+    pub fn refuse_development_switches(&self) -> Result<(), ConfigError> {
+        if self.dev_login {
+            return Err(invalid(
+                "freshplan.auth.dev-login.enabled",
+                "the development login lets anyone act as any user: it is only available with \
+                 `serve --demo`; remove the key",
+            ));
+        }
+        if self.allow_unauthenticated_publisher {
+            return Err(invalid(
+                "freshplan.security.allow-unauthenticated-publisher",
+                "lets anonymous requests write: only for tests and `serve --demo`; remove the key",
+            ));
         }
         Ok(())
     }
@@ -544,6 +653,65 @@ mod tests {
         let shown = format!("{s:?}");
         assert!(shown.contains("\"k1\""), "{shown}");
         assert!(!shown.contains(key) && !shown.contains(lookup), "{shown}");
+    }
+
+    #[test]
+    fn identity_keys_are_read_and_checked() {
+        let s = load(None, &[]).unwrap();
+        assert_eq!(s.jwt.audience, None);
+        assert_eq!(
+            s.jwt.max_lifetime_seconds,
+            DEFAULT_MAX_TOKEN_LIFETIME_SECONDS
+        );
+        assert_eq!(
+            (s.users_refresh_seconds, s.stream_max_per_principal),
+            (5, 5)
+        );
+        assert!(s.refuse_development_switches().is_ok());
+        let s = load(
+            Some("freshplan.auth.jwt.audience = \"fp\"\nfreshplan.stream.max-per-principal = 2\n"),
+            &[("FRESHPLAN_AUTH_DEV_LOGIN_ENABLED", "true")],
+        )
+        .unwrap();
+        assert_eq!(s.jwt.audience.as_deref(), Some("fp"));
+        assert_eq!(s.stream_max_per_principal, 2);
+        let err = s.refuse_development_switches().unwrap_err();
+        assert!(err.to_string().contains("dev-login"), "{err}");
+        let s = load(
+            None,
+            &[("FRESHPLAN_SECURITY_ALLOW_UNAUTHENTICATED_PUBLISHER", "true")],
+        )
+        .unwrap();
+        let err = s.refuse_development_switches().unwrap_err();
+        assert!(
+            err.to_string().contains("allow-unauthenticated-publisher"),
+            "{err}"
+        );
+        for (key, value, named) in [
+            (
+                "FRESHPLAN_AUTH_JWT_JWKS_FILE",
+                "/x.json",
+                "freshplan.auth.jwt.issuer",
+            ),
+            (
+                "FRESHPLAN_AUTH_JWT_MAX_LIFETIME_SECONDS",
+                "0",
+                "max-lifetime-seconds",
+            ),
+            (
+                "FRESHPLAN_AUTH_USERS_REFRESH_SECONDS",
+                "0",
+                "refresh-seconds",
+            ),
+            (
+                "FRESHPLAN_STREAM_MAX_PER_PRINCIPAL",
+                "0",
+                "max-per-principal",
+            ),
+        ] {
+            let err = load(None, &[(key, value)]).unwrap_err();
+            assert!(err.to_string().contains(named), "{err}");
+        }
     }
 
     #[test]

@@ -87,6 +87,19 @@ impl Principal {
         }
     }
 
+    /// Who an anonymous change acts as where `freshplan.security.allow-unauthenticated-publisher`
+    /// is on (tests and `--demo` only): an ordinary sales user of DE that owns what it creates,
+    /// sees only that and is in no user's audience but its own, admins' and DE's managers'.
+    /// Never the system principal.
+    pub fn anonymous_publisher() -> Self {
+        Principal {
+            user_id: "anonymous-publisher".into(),
+            name: "Anonymous publisher (tests only)".into(),
+            role: Role::Sales,
+            territory: Territory::DE,
+        }
+    }
+
     /// Admin or system: sees every territory.
     pub fn is_global(&self) -> bool {
         matches!(self.role, Role::Admin | Role::System)

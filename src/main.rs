@@ -1,4 +1,4 @@
-//! `freshplan`: the command line (serve, migrate, seed, token, keys).
+//! `freshplan`: the command line (serve, migrate, seed, token, users, keys).
 
 use std::path::{Path, PathBuf};
 
@@ -6,7 +6,8 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
 use freshplan::app::{AppState, Server};
-use freshplan::auth::jwt::Authenticator;
+use freshplan::auth::jwt::{self, Authenticator};
+use freshplan::auth::users::{self, UserChange, UserRow};
 use freshplan::auth::{Principal, Role};
 use freshplan::config::Settings;
 use freshplan::db::{self, bootstrap, embedded};
@@ -37,6 +38,10 @@ enum Command {
         /// Bootstrap database, demo users and leads, development keys and login; keep demo activity going.
         #[arg(long)]
         demo: bool,
+        /// With --demo: allow an address other than loopback (the demo's login lets anyone act
+        /// as any user).
+        #[arg(long, requires = "demo")]
+        allow_non_loopback: bool,
     },
     /// Create database, roles and schema, or upgrade them (idempotent).
     Migrate {
@@ -73,10 +78,62 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         ttl_hours: u64,
     },
+    /// Manage the user table (through the admin database URL; every change is audited).
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
     /// PII key management.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Add a user.
+    Add {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// User id: the `sub` of the user's tokens.
+        id: String,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// admin, manager, sales or viewer (case-insensitive).
+        #[arg(long)]
+        role: String,
+        /// DE, AT or CH.
+        #[arg(long)]
+        territory: String,
+    },
+    /// Change a user's name, role, territory or active flag.
+    Set {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long)]
+        territory: Option<String>,
+        /// true or false.
+        #[arg(long)]
+        active: Option<bool>,
+    },
+    /// Deactivate a user: their tokens are refused and their open streams end (within
+    /// freshplan.auth.users.refresh-seconds on every running instance).
+    Deactivate {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        id: String,
+    },
+    /// List the users.
+    List {
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -111,6 +168,28 @@ fn demo_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".freshplan"))
 }
 
+/// The development JWT secret of the data folder (created by `serve --demo`, read by `token`).
+fn demo_secret_file() -> PathBuf {
+    demo_dir().join(jwt::DEMO_SECRET_FILE)
+}
+
+/// `--demo` listens on loopback only unless told otherwise: its login lets anyone act as anyone.
+fn refuse_non_loopback(bind: &str) -> anyhow::Result<()> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<_> = bind
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve --bind {bind}"))?
+        .collect();
+    if addrs.is_empty() || addrs.iter().any(|a| !a.ip().is_loopback()) {
+        bail!(
+            "--demo refuses to listen on {bind}, which is not a loopback address: the demo's login \
+             lets anyone act as any user. Use --bind 127.0.0.1:PORT, or add --allow-non-loopback \
+             if you really mean it"
+        );
+    }
+    Ok(())
+}
+
 fn vault(settings: &Settings, demo: bool) -> anyhow::Result<Vault> {
     match Vault::from_settings(&settings.pii)? {
         Some(v) => Ok(v),
@@ -137,11 +216,27 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(config: Option<&Path>, bind: &str, demo_mode: bool) -> anyhow::Result<()> {
+async fn serve(
+    config: Option<&Path>,
+    bind: &str,
+    demo_mode: bool,
+    allow_non_loopback: bool,
+) -> anyhow::Result<()> {
     let mut settings = Settings::load(config)?;
     let mut cluster = None;
+    if !demo_mode {
+        settings.refuse_development_switches()?;
+    }
     if demo_mode {
+        if !allow_non_loopback {
+            refuse_non_loopback(bind)?;
+        }
         settings.dev_login = true;
+        let jwt = &mut settings.jwt;
+        if jwt.secret.is_empty() && jwt.public_key_file.is_none() && jwt.jwks_file.is_none() {
+            jwt::ensure_demo_secret(&demo_secret_file())?;
+            jwt.demo_secret_file = Some(demo_secret_file());
+        }
         if !embedded::answers(&settings.admin_database_url).await {
             tracing::warn!(
                 "nothing answers at the admin database address: starting a private cluster"
@@ -185,7 +280,12 @@ async fn serve(config: Option<&Path>, bind: &str, demo_mode: bool) -> anyhow::Re
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { config, bind, demo } => serve(config.as_deref(), &bind, demo).await,
+        Command::Serve {
+            config,
+            bind,
+            demo,
+            allow_non_loopback,
+        } => serve(config.as_deref(), &bind, demo, allow_non_loopback).await,
         Command::Migrate { config } => {
             let settings = Settings::load(config.as_deref())?;
             migrate(&settings).await?;
@@ -222,12 +322,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             ttl_hours,
         } => {
-            let settings = Settings::load(config.as_deref())?;
+            let mut settings = Settings::load(config.as_deref())?;
             let role: Role = role.parse().map_err(anyhow::Error::msg)?;
             if role == Role::System {
                 bail!("the system principal is for background jobs and has no tokens");
             }
             let territory = territory.parse().map_err(anyhow::Error::msg)?;
+            let jwt = &mut settings.jwt;
+            if jwt.secret.is_empty() && jwt.public_key_file.is_none() && jwt.jwks_file.is_none() {
+                // The data folder's secret, the one `serve --demo` uses (whichever comes first
+                // creates it).
+                jwt::ensure_demo_secret(&demo_secret_file())?;
+                jwt.demo_secret_file = Some(demo_secret_file());
+            }
             let auth = Authenticator::from_settings(&settings.jwt, true)?;
             let p = Principal {
                 name: name.unwrap_or_else(|| user.clone()),
@@ -238,6 +345,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", auth.mint(&p, ttl_hours * 3600)?);
             Ok(())
         }
+        Command::Users { command } => run_users(command).await,
         Command::Keys {
             command: KeysCommand::Generate { id },
         } => {
@@ -276,6 +384,127 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A connection to the runtime database as the administrator, acting as the owner role (like
+/// `migrate`), so row-level security applies to what `users` does there.
+async fn admin_connection(settings: &Settings) -> anyhow::Result<sqlx::PgConnection> {
+    use sqlx::{ConnectOptions, Executor};
+    use std::str::FromStr;
+    let target = bootstrap::Target::from_url(&settings.database_url, &settings.owner_role)?;
+    let options = sqlx::postgres::PgConnectOptions::from_str(&settings.admin_database_url)
+        .context("freshplan.database.admin-url is not a valid PostgreSQL URL")?
+        .database(&target.database)
+        .application_name("freshplan-users");
+    let mut conn = options.connect().await.with_context(|| {
+        format!(
+            "cannot connect to database `{}` as administrator ({}); set FRESHPLAN_ADMIN_DATABASE_URL",
+            target.database,
+            db::redact_url(&settings.admin_database_url)
+        )
+    })?;
+    let owner = target.owner_role.replace('"', "\"\"");
+    conn.execute(format!("SET ROLE \"{owner}\"").as_str())
+        .await
+        .context("cannot act as the owner role (run `freshplan migrate` first)")?;
+    Ok(conn)
+}
+
+/// Who the audit trail names for a `users` command: `cli:<login name>`.
+fn operator() -> String {
+    let login = std::env::var("LOGNAME")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| {
+            // SAFETY: getuid has no preconditions.
+            format!("uid-{}", unsafe { libc::getuid() })
+        });
+    format!("cli:{login}")
+}
+
+fn print_user(verb: &str, u: &UserRow) {
+    println!(
+        "{verb} user {} ({}, {}, {}, {})",
+        u.id,
+        u.name,
+        u.role,
+        u.territory,
+        if u.active { "active" } else { "deactivated" }
+    );
+}
+
+async fn run_users(command: UsersCommand) -> anyhow::Result<()> {
+    let config = match &command {
+        UsersCommand::Add { config, .. }
+        | UsersCommand::Set { config, .. }
+        | UsersCommand::Deactivate { config, .. }
+        | UsersCommand::List { config } => config.clone(),
+    };
+    let settings = Settings::load(config.as_deref())?;
+    let role = |r: &str| r.parse::<Role>().map_err(anyhow::Error::msg);
+    let territory = |t: &str| t.parse().map_err(anyhow::Error::msg);
+    let actor = operator();
+    match command {
+        UsersCommand::Add {
+            id,
+            name,
+            role: r,
+            territory: t,
+            ..
+        } => {
+            let (r, t) = (role(&r)?, territory(&t)?);
+            let mut conn = admin_connection(&settings).await?;
+            print_user(
+                "added",
+                &users::add(&mut conn, &actor, &id, &name, r, t).await?,
+            );
+        }
+        UsersCommand::Set {
+            id,
+            name,
+            role: r,
+            territory: t,
+            active,
+            ..
+        } => {
+            let change = UserChange {
+                name,
+                role: r.as_deref().map(role).transpose()?,
+                territory: t.as_deref().map(territory).transpose()?,
+                active,
+            };
+            let mut conn = admin_connection(&settings).await?;
+            print_user(
+                "changed",
+                &users::set(&mut conn, &actor, &id, change).await?,
+            );
+        }
+        UsersCommand::Deactivate { id, .. } => {
+            let change = UserChange {
+                active: Some(false),
+                ..Default::default()
+            };
+            let mut conn = admin_connection(&settings).await?;
+            print_user(
+                "changed",
+                &users::set(&mut conn, &actor, &id, change).await?,
+            );
+            println!(
+                "running instances refuse the user's tokens and end their streams within {} s",
+                settings.users_refresh_seconds
+            );
+        }
+        UsersCommand::List { .. } => {
+            let mut conn = admin_connection(&settings).await?;
+            println!("id\tname\trole\tterritory\tactive");
+            for u in users::list(&mut conn, &actor).await? {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    u.id, u.name, u.role, u.territory, u.active
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 #[tokio::main]

@@ -51,12 +51,14 @@ fn rsa_keys(dir: &std::path::Path) -> (Vec<u8>, std::path::PathBuf, String) {
     (std::fs::read(&private).unwrap(), public, modulus)
 }
 
+const ISSUER: &str = "https://keycloak.example/realms/freshplan";
+
 fn keycloak_token(private_pem: &[u8], kid: Option<&str>) -> String {
     let mut header = Header::new(Algorithm::RS256);
     header.kid = kid.map(str::to_string);
     let claims = json!({
         "sub": "k-user-1", "name": "Keycloak User", "territory": "CH",
-        "exp": jsonwebtoken::get_current_timestamp() + 300,
+        "exp": jsonwebtoken::get_current_timestamp() + 300, "iss": ISSUER,
         "realm_access": {"roles": ["offline_access", "Sales"]}
     });
     jsonwebtoken::encode(
@@ -75,6 +77,7 @@ fn rs256_tokens_verify_with_a_pem_public_key_or_a_jwks_file() {
     let pem = Authenticator::from_settings(
         &JwtSettings {
             public_key_file: Some(public),
+            issuer: Some(ISSUER.into()),
             ..Default::default()
         },
         false,
@@ -97,6 +100,7 @@ fn rs256_tokens_verify_with_a_pem_public_key_or_a_jwks_file() {
     let by_jwks = Authenticator::from_settings(
         &JwtSettings {
             jwks_file: Some(jwks_file),
+            issuer: Some(ISSUER.into()),
             ..Default::default()
         },
         false,

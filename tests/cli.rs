@@ -245,7 +245,7 @@ async fn serve_demo_starts_a_private_cluster_when_nothing_answers_and_stops_it_o
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(up, "serve --demo came up on a private cluster");
-    // The demo token (built-in development secret) works against it, with demo data.
+    // The demo token (the data folder's development secret) works against it, with demo data.
     let out = freshplan()
         .args([
             "token",
@@ -256,6 +256,7 @@ async fn serve_demo_starts_a_private_cluster_when_nothing_answers_and_stops_it_o
             "--territory",
             "DE",
         ])
+        .env("FRESHPLAN_DATA_DIR", &dir)
         .output()
         .unwrap();
     let token = String::from_utf8(out.stdout).unwrap();

@@ -423,7 +423,8 @@ async fn an_unauthenticated_publisher_is_refused_and_counted() {
 }
 
 #[tokio::test]
-async fn allowing_unauthenticated_publishers_acts_as_the_system_principal() {
+async fn allowing_unauthenticated_publishers_acts_as_an_ordinary_anonymous_publisher_never_system()
+{
     let app =
         TestApp::spawn_with(&[("FRESHPLAN_SECURITY_ALLOW_UNAUTHENTICATED_PUBLISHER", "true")])
             .await;
@@ -436,9 +437,9 @@ async fn allowing_unauthenticated_publishers_acts_as_the_system_principal() {
         .unwrap();
     assert_eq!(r.status(), 201);
     let lead: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(lead["ownerUserId"], "system");
+    assert_eq!(lead["ownerUserId"], "anonymous-publisher");
     assert_eq!(
-        app.count("SELECT count(*) FROM outbox WHERE owner_user_id = 'system'")
+        app.count("SELECT count(*) FROM outbox WHERE owner_user_id = 'anonymous-publisher'")
             .await,
         1
     );

@@ -1,5 +1,7 @@
-//! Development login (`--demo` or `freshplan.auth.dev-login.enabled`): pick a demo user in the
-//! browser, get an HttpOnly session cookie carrying a signed token. Off by default.
+//! Development login (`--demo`; `freshplan.auth.dev-login.enabled` is refused by `serve` without
+//! it and honoured only by tests): pick an active user in the browser, get an HttpOnly session
+//! cookie carrying a signed token. Off by default. Everything from the user table is
+//! HTML-escaped on the page.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -38,17 +40,40 @@ pub struct DevLoginState {
 
 async fn users(state: &DevLoginState) -> ApiResult<Vec<(String, String, String, String)>> {
     let mut tx = db::begin_as(&state.pool, &Principal::system()).await?;
-    let rows =
-        sqlx::query_as("SELECT id, name, role, territory FROM users ORDER BY territory, role, id")
-            .fetch_all(&mut *tx)
-            .await?;
+    let rows = sqlx::query_as(
+        "SELECT id, name, role, territory FROM users WHERE active ORDER BY territory, role, id",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(rows)
+}
+
+/// Escapes text for HTML element content and double-quoted attribute values.
+pub fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 async fn page(State(state): State<DevLoginState>) -> ApiResult<Html<String>> {
     let mut items = String::new();
     for (id, name, role, territory) in users(&state).await? {
+        let (id, name, role, territory) = (
+            escape_html(&id),
+            escape_html(&name),
+            escape_html(&role),
+            escape_html(&territory),
+        );
         items.push_str(&format!(
             "<li><button data-user=\"{id}\">{name}</button> <small>{role} · {territory}</small></li>"
         ));
@@ -76,7 +101,7 @@ async fn login(
         .await?
         .into_iter()
         .find(|u| u.0 == body.user_id)
-        .ok_or_else(|| ApiError::field(format!("unknown demo user `{}`", body.user_id)))?;
+        .ok_or_else(|| ApiError::field("unknown or deactivated user"))?;
     let principal = Principal {
         user_id: user.0,
         name: user.1,
@@ -89,9 +114,20 @@ async fn login(
             .parse()
             .map_err(|e: String| ApiError::Internal(anyhow::anyhow!(e)))?,
     };
-    let token = state.auth.mint(&principal, SESSION_SECONDS)?;
-    let cookie = format!(
-        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={SESSION_SECONDS}"
-    );
+    let seconds = SESSION_SECONDS.min(state.auth.max_lifetime_seconds());
+    let token = state.auth.mint(&principal, seconds)?;
+    let cookie =
+        format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={seconds}");
     Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn html_special_characters_are_escaped() {
+        assert_eq!(
+            super::escape_html(r#"<img src=x onerror="a('b')">&"#),
+            "&lt;img src=x onerror=&quot;a(&#39;b&#39;)&quot;&gt;&amp;"
+        );
+    }
 }

@@ -28,6 +28,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "defence",
         include_str!("../../migrations/0003_defence.sql"),
     ),
+    (4, "users", include_str!("../../migrations/0004_users.sql")),
 ];
 
 /// Role and database names taken from the runtime URL.

@@ -139,10 +139,11 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: EventsState) -> Router<S>
         .with_state(state)
 }
 
-/// The full envelope behind a truncation stub; 404 outside the event's audience.
+/// The full envelope behind a truncation stub; 404 outside the event's audience. Viewers get
+/// its aggregate form (no lead id, company name or user ids).
 #[utoipa::path(get, path = "/api/events/{key}", tag = "events",
     params(("key" = Uuid, Path, description = "idempotency key of the event")),
-    responses((status = 200, description = "CloudEvents 1.0 envelope"), (status = 404, description = "unknown or not in the caller's audience")))]
+    responses((status = 200, description = "CloudEvents 1.0 envelope (aggregate form for viewers)"), (status = 404, description = "unknown or not in the caller's audience")))]
 pub async fn get_event(
     State(pool): State<PgPool>,
     caller: Principal,
@@ -154,12 +155,18 @@ pub async fn get_event(
     let mut tx = db::begin_as(&pool, &caller).await?;
     let env = outbox::fetch_by_key(&mut tx, key).await?;
     tx.commit().await?;
-    env.map(AppJson).ok_or(ApiError::NotFound("event"))
+    let env = env.ok_or(ApiError::NotFound("event"))?;
+    Ok(AppJson(if caller.role == crate::identity::Role::Viewer {
+        hub::aggregate(&env)
+    } else {
+        env
+    }))
 }
 
 /// Background work of the event path of one instance: the doorbell, the listener (unless
 /// `features.events.cross-module.enabled` is false, in which case consumers do nothing, the
-/// cursor stays where it is and health reports `Disabled`) and the retention job.
+/// cursor stays where it is and health reports `Disabled`), the retention job and the check
+/// that ends the streams of users the user table no longer admits.
 pub struct Background {
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -177,6 +184,7 @@ impl Background {
         dispatcher: consumer::Dispatcher,
         health: Arc<ListenerHealth>,
         hub: Arc<hub::Hub>,
+        auth: &Authenticator,
     ) -> anyhow::Result<Self> {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut tasks = vec![
@@ -191,6 +199,14 @@ impl Background {
                 stopped.clone(),
             )),
         ];
+        if let Some(users) = auth.users() {
+            tasks.push(tokio::spawn(hub::watch_users(
+                hub.clone(),
+                users.clone(),
+                users.ttl(),
+                stopped.clone(),
+            )));
+        }
         if settings.features.cross_module_events {
             health.set(ListenerState::Disconnected);
             let listener = listener::Listener {

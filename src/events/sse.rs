@@ -6,10 +6,17 @@
 //! the audience rule); live events the replay already sent, or that the client had, are dropped.
 //! The queue is bounded (`freshplan.events.sse-queue-size`): a client that falls behind gets its
 //! backlog discarded and one `event: resync` (refetch the widget) instead of unbounded buffering.
+//!
+//! A stream lives no longer than its token: at the token's `exp` it ends with `event: reauth`
+//! (the client gets a fresh token and reconnects with `Last-Event-ID`). The hub may end it earlier:
+//! `event: replaced` when the user opened more than `freshplan.stream.max-per-principal` streams,
+//! `event: reauth` when the user table no longer admits the user (deactivated, role or territory
+//! changed). Viewers get aggregate frames only (`hub::aggregate`), replayed ones included.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -18,10 +25,12 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
+use super::hub::{self, Ending, HubEvent};
 use super::{envelope, outbox, EventsState};
+use crate::auth::Caller;
 use crate::db;
 use crate::error::{ApiError, ApiResult};
-use crate::identity::Principal;
+use crate::identity::{Principal, Role};
 
 /// Rows per replay query.
 const REPLAY_PAGE: i64 = 500;
@@ -41,6 +50,26 @@ fn resync(reason: &str) -> Event {
         .data(json!({"reason": reason}).to_string())
 }
 
+fn named(event: &str, reason: &str) -> Event {
+    Event::default()
+        .event(event)
+        .data(json!({"reason": reason}).to_string())
+}
+
+/// Time left until `exp` (seconds since the Unix epoch).
+fn until(exp: u64) -> Duration {
+    (UNIX_EPOCH + Duration::from_secs(exp))
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+}
+
+/// What woke the live loop.
+enum Next {
+    Ended(Option<Ending>),
+    Expired,
+    Event(Option<std::sync::Arc<HubEvent>>),
+}
+
 async fn replay_page(
     pool: &PgPool,
     caller: &Principal,
@@ -56,12 +85,12 @@ async fn replay_page(
 #[utoipa::path(get, path = "/api/cockpit/stream", tag = "events",
     params(("Last-Event-ID" = Option<i64>, Header, description = "outbox position of the last event received; the stream replays what followed")),
     responses(
-        (status = 200, description = "text/event-stream: `id:` outbox position, `event:` CloudEvents type, `data:` envelope (or truncation stub); `event: resync` when the client fell behind", content_type = "text/event-stream"),
+        (status = 200, description = "text/event-stream: `id:` outbox position, `event:` CloudEvents type, `data:` envelope (or truncation stub; aggregate frames for viewers); `event: resync` when the client fell behind; the stream ends with `event: reauth` at the token's expiry or when the user is deactivated, and with `event: replaced` when the user opened too many streams", content_type = "text/event-stream"),
         (status = 401, description = "no identity"),
         (status = 422, description = "Last-Event-ID is not a position")))]
 pub async fn stream(
     State(state): State<EventsState>,
-    caller: Principal,
+    caller: Caller,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let last_id = match headers.get("last-event-id") {
@@ -75,6 +104,12 @@ pub async fn stream(
                 })?,
         ),
     };
+    let Caller {
+        principal: caller,
+        expires_at,
+    } = caller;
+    let viewer = caller.role == Role::Viewer;
+    let expiry = tokio::time::Instant::now() + until(expires_at);
     let mut sub = state.hub.subscribe(caller.clone());
     let pool = state.pool.clone();
     let events = async_stream::stream! {
@@ -87,7 +122,10 @@ pub async fn stream(
                         for (position, event_type, env) in rows {
                             after = position;
                             replayed.insert(position);
-                            let (frame, _) = envelope::frame(&env);
+                            let (mut frame, _) = envelope::frame(&env);
+                            if viewer {
+                                frame = hub::aggregate(&frame);
+                            }
                             yield Ok::<_, Infallible>(frame_event(position, &event_type, &frame.to_string()));
                         }
                         if n < REPLAY_PAGE {
@@ -106,16 +144,40 @@ pub async fn stream(
                 }
             }
         }
-        while let Some(ev) = sub.rx.recv().await {
-            if sub.overflow.swap(false, Ordering::SeqCst) {
-                while sub.rx.try_recv().is_ok() {}
-                yield Ok(resync("queue overflow"));
-                continue;
+        loop {
+            let next = tokio::select! {
+                biased;
+                ended = &mut sub.ended => Next::Ended(ended.ok()),
+                _ = tokio::time::sleep_until(expiry) => Next::Expired,
+                ev = sub.rx.recv() => Next::Event(ev),
+            };
+            match next {
+                Next::Ended(Some(Ending::Replaced)) => {
+                    yield Ok(named("replaced", "too many open streams for this user"));
+                    break;
+                }
+                Next::Ended(Some(Ending::Revoked)) => {
+                    yield Ok(named("reauth", "user no longer admitted"));
+                    break;
+                }
+                // The hub closed (shutdown).
+                Next::Ended(None) | Next::Event(None) => break,
+                Next::Expired => {
+                    yield Ok(named("reauth", "token expired"));
+                    break;
+                }
+                Next::Event(Some(ev)) => {
+                    if sub.overflow.swap(false, Ordering::SeqCst) {
+                        while sub.rx.try_recv().is_ok() {}
+                        yield Ok(resync("queue overflow"));
+                        continue;
+                    }
+                    if last_id.is_some_and(|l| ev.position <= l) || replayed.remove(&ev.position) {
+                        continue;
+                    }
+                    yield Ok(frame_event(ev.position, &ev.event_type, &ev.data));
+                }
             }
-            if last_id.is_some_and(|l| ev.position <= l) || replayed.remove(&ev.position) {
-                continue;
-            }
-            yield Ok(frame_event(ev.position, &ev.event_type, &ev.data));
         }
     };
     let keepalive = KeepAlive::new()

@@ -29,12 +29,13 @@ fn position(p: i64) -> HeaderValue {
 }
 
 /// The principal a change is made as. Without one the change is refused (401, counted
-/// `unauthenticated`), unless unauthenticated publishing is allowed (tests only), in which case
-/// it acts as the system principal.
+/// `unauthenticated`), unless unauthenticated publishing is allowed (tests and `--demo` only), in
+/// which case it acts as [`Principal::anonymous_publisher`], an ordinary sales user — never as
+/// the system principal.
 fn writer(state: &LeadsState, caller: MaybePrincipal, event: EventType) -> ApiResult<Principal> {
     match caller.0 {
         Some(p) => Ok(p),
-        None if state.allow_unauthenticated => Ok(Principal::system()),
+        None if state.allow_unauthenticated => Ok(Principal::anonymous_publisher()),
         None => {
             state
                 .service

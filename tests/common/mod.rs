@@ -398,11 +398,17 @@ pub fn assert_cloudevent(envelope: &serde_json::Value) {
 impl TestApp {
     /// Opens the SSE stream as a demo user, optionally resuming after `last_event_id`.
     pub async fn sse(&self, user: &str, last_event_id: Option<i64>) -> Sse {
+        self.sse_with_token(&self.token_for(user), last_event_id)
+            .await
+    }
+
+    /// Opens the SSE stream with a bearer token of its own.
+    pub async fn sse_with_token(&self, token: &str, last_event_id: Option<i64>) -> Sse {
         use eventsource_stream::Eventsource;
         let mut req = self
             .client
             .get(format!("{}/api/cockpit/stream", self.url))
-            .header("Authorization", self.bearer(user));
+            .header("Authorization", format!("Bearer {token}"));
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id.to_string());
         }
