@@ -161,10 +161,17 @@ impl AppState {
         leads::model::Activity,
         leads::model::NewActivity,
         leads::model::LeadPage,
+        leads::domain::LeadStatus,
+        leads::domain::BusinessType,
+        leads::domain::LeadSource,
+        leads::domain::ActivityType,
+        crate::territory::Territory,
         cockpit::http::Me,
+        cockpit::http::WidgetScope,
+        crate::error::Problem,
     )),
     tags((name = "leads"), (name = "cockpit"), (name = "events"), (name = "operations")),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &Contract),
     security(("bearer" = []))
 )]
 pub struct ApiDoc;
@@ -186,6 +193,148 @@ impl utoipa::Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// Completes the document where one rule holds for every operation, so the annotations cannot
+/// forget it: every error answer (status >= 400 without a body of its own) is
+/// `application/problem+json` with the `Problem` schema, and a 503 problem carries `Retry-After`;
+/// the response headers `ETag`, `FreshPlan-Position` and `Location` get their exact form; the
+/// content types the annotations cannot state (the page's HTML, the event stream, this document)
+/// and the stream's `Last-Event-ID` header.
+struct Contract;
+
+impl utoipa::Modify for Contract {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::header::Header;
+        use utoipa::openapi::path::{Operation, ParameterIn};
+        use utoipa::openapi::schema::{Object, ObjectBuilder, Type};
+        use utoipa::openapi::{Content, Ref, RefOr};
+
+        let text = |pattern: &str| -> Object {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(pattern))
+                .build()
+        };
+        let header = |schema: Object, description: &str| {
+            let mut h = Header::new(schema);
+            h.description = Some(description.into());
+            h
+        };
+        let content = |schema: Object| Content::new(Some(RefOr::T(schema.into())));
+        // One event of the stream, as `id:`, `event:` and `data:` lines.
+        let sse_event = || -> Object {
+            let mut names: Vec<&str> = crate::events::envelope::EventType::ALL
+                .iter()
+                .map(|t| t.as_str())
+                .collect();
+            names.extend(["resync", "reauth", "replaced"]);
+            ObjectBuilder::new()
+                .description(Some(
+                    "One Server-Sent Event: `id` is the outbox position, `event` the CloudEvents \
+                     type (or `resync`, `reauth`, `replaced`), `data` the JSON envelope or its \
+                     truncation stub (aggregate form for viewers), or for the named events \
+                     `{\"reason\": …}`",
+                ))
+                .property("id", text("^[0-9]+$"))
+                .property(
+                    "event",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .enum_values(Some(names)),
+                )
+                .property("data", Object::with_type(Type::String))
+                .required("data")
+                .required("event")
+                .build()
+        };
+        for (path, item) in doc.paths.paths.iter_mut() {
+            let ops: [&mut Option<Operation>; 5] = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for op in ops.into_iter().flatten() {
+                for (status, response) in op.responses.responses.iter_mut() {
+                    let RefOr::T(response) = response else {
+                        continue;
+                    };
+                    let code: u16 = status.parse().unwrap_or(0);
+                    if code >= 400 && response.content.is_empty() {
+                        response.content.insert(
+                            crate::error::PROBLEM_JSON.into(),
+                            Content::new(Some(Ref::from_schema_name("Problem"))),
+                        );
+                        if code == 503 {
+                            response.headers.insert(
+                                "Retry-After".into(),
+                                header(text("^[0-9]+$"), "seconds to wait before retrying"),
+                            );
+                        }
+                    }
+                    for (name, h) in response.headers.iter_mut() {
+                        let pattern = match name.as_str() {
+                            "ETag" => r#"^"[0-9]+"$"#,
+                            "FreshPlan-Position" => "^[0-9]+$",
+                            "Location" => "^/api/leads/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+                            _ => continue,
+                        };
+                        h.schema = RefOr::T(text(pattern).into());
+                    }
+                    let body = match (path.as_str(), code) {
+                        ("/", 200) => Some(("text/html", Object::with_type(Type::String))),
+                        ("/api/cockpit/stream", 200) => Some(("text/event-stream", sse_event())),
+                        ("/q/openapi", 200) => {
+                            Some(("application/json", Object::with_type(Type::Object)))
+                        }
+                        _ => None,
+                    };
+                    if let Some((media_type, schema)) = body {
+                        response.content.clear();
+                        response.content.insert(media_type.into(), content(schema));
+                    }
+                    let follow: &[&str] = match (op.operation_id.as_deref(), code) {
+                        (Some("create_lead"), 201) => {
+                            &["get_lead", "patch_lead", "add_activity", "list_activities"]
+                        }
+                        (Some("get_lead" | "patch_lead"), 200) => {
+                            &["patch_lead", "add_activity", "list_activities"]
+                        }
+                        _ => &[],
+                    };
+                    for target in follow {
+                        // utoipa 5.5 serializes `Link::operation_id` as `operation_id`; the
+                        // OpenAPI name is written through the (flattened) extensions instead.
+                        let mut link = utoipa::openapi::link::LinkBuilder::new()
+                            .extensions(Some(utoipa::openapi::extensions::Extensions::from_iter([
+                                ("operationId", *target),
+                            ])))
+                            .parameter("path.id", "$response.body#/id");
+                        if *target == "patch_lead" {
+                            link = link.parameter("header.If-Match", "$response.header.ETag");
+                        }
+                        response
+                            .links
+                            .insert(target.to_string(), RefOr::T(link.build()));
+                    }
+                }
+                for p in op.parameters.iter_mut().flatten() {
+                    if p.parameter_in == ParameterIn::Header && p.name == "Last-Event-ID" {
+                        p.schema = Some(RefOr::T(
+                            ObjectBuilder::new()
+                                .schema_type(Type::Integer)
+                                .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                                    utoipa::openapi::KnownFormat::Int64,
+                                )))
+                                .into(),
+                        ));
+                    }
+                }
+            }
+        }
     }
 }
 

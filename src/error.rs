@@ -3,7 +3,7 @@
 //! Internal errors are logged once (by the error itself, without request bodies) and answered
 //! with a generic message; every other variant says what was wrong and what to do.
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -61,17 +61,37 @@ pub enum ApiError {
     Internal(#[source] anyhow::Error),
 }
 
-#[derive(Serialize)]
+/// Media type of every error answer.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// An RFC 9457 problem: every error answer of the API (`application/problem+json`).
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Problem<'a> {
+#[schema(as = Problem)]
+pub struct Problem<'a> {
+    /// `https://freshplan.de/problems/<slug>`; the slug is stable: unauthenticated, forbidden,
+    /// not-found, feature-disabled, malformed-json, invalid-field, unsupported-media-type,
+    /// payload-too-large, precondition-required, stale-version, invalid-transition,
+    /// duplicate-contact, conflict, contact-data-unreadable, unavailable, request-timeout,
+    /// not-yet-consistent, contention, internal.
     #[serde(rename = "type")]
+    #[schema(format = "uri", pattern = r"^https://freshplan\.de/problems/[a-z-]+$")]
     type_: String,
+    /// Short title of the slug.
+    #[schema(value_type = String)]
     title: &'a str,
+    /// The HTTP status code.
+    #[schema(minimum = 400, maximum = 599)]
     status: u16,
+    /// What was wrong and what to do; names the field for `invalid-field`.
     detail: String,
+    /// `duplicate-contact`: the live lead with the same contact email, when the caller sees it.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     existing_lead_id: Option<Uuid>,
+    /// `stale-version`: the lead's current version (its `ETag`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1)]
     current_version: Option<i64>,
 }
 
@@ -202,10 +222,7 @@ impl IntoResponse for ApiError {
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -268,10 +285,22 @@ impl From<sqlx::Error> for ApiError {
             "23505" => ApiError::Conflict(format!(
                 "the change conflicts with an existing record ({constraint})"
             )),
+            // The database's assignment rules (migration 0003), named by the field they concern.
+            "23514" if constraint == "leads_owner_of_territory" => ApiError::InvalidField(
+                "ownerUserId must be a sales user or manager of the lead's territory".into(),
+            ),
+            "23514" if constraint == "leads_collaborators_of_territory" => {
+                ApiError::InvalidField("collaborators must be users of the lead's territory".into())
+            }
             // check, not-null and foreign-key violations, too long or malformed values.
             "23514" | "23502" | "23503" | "22001" | "22P02" | "22007" | "22008" | "22003" => {
                 ApiError::InvalidField(format!("a value is not acceptable (violates {constraint})"))
             }
+            // character_not_in_repertoire (a NUL in text), untranslatable_character: the input
+            // validation refuses these first; this is the net behind it.
+            "22021" | "22P05" => ApiError::InvalidField(
+                "a text value contains a character that cannot be stored (e.g. NUL)".into(),
+            ),
             // connection exceptions, shutdown in progress, too many connections.
             c if c.starts_with("08") || c.starts_with("57P") || c == "53300" => {
                 ApiError::Unavailable("the database is unavailable, retry shortly".into())
@@ -284,6 +313,14 @@ impl From<sqlx::Error> for ApiError {
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
         ApiError::Internal(e)
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    /// A path segment that cannot be decoded (invalid percent-encoded UTF-8) names no resource.
+    fn from(rejection: PathRejection) -> Self {
+        tracing::debug!(error = %rejection.body_text(), "path not decodable");
+        ApiError::NotFound("resource")
     }
 }
 
@@ -300,3 +337,9 @@ impl<T: Serialize> IntoResponse for AppJson<T> {
         axum::Json(self.0).into_response()
     }
 }
+
+/// Path extractor whose rejections (a segment that is not valid UTF-8, say) use the problem
+/// format.
+#[derive(Debug, Clone, Copy, Default, axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct AppPath<T>(pub T);

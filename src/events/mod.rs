@@ -16,7 +16,7 @@ pub mod sse;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{FromRef, Path, State};
+use axum::extract::{FromRef, State};
 use axum::routing::get;
 use axum::Router;
 use serde_json::Value;
@@ -27,7 +27,7 @@ use uuid::Uuid;
 use crate::auth::jwt::Authenticator;
 use crate::config::Settings;
 use crate::db::{self, Tx};
-use crate::error::{ApiError, ApiResult, AppJson};
+use crate::error::{ApiError, ApiResult, AppJson, AppPath};
 use crate::identity::Principal;
 use crate::telemetry::health::{ListenerHealth, ListenerState};
 use crate::telemetry::metrics::Metrics;
@@ -143,11 +143,16 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: EventsState) -> Router<S>
 /// its aggregate form (no lead id, company name or user ids).
 #[utoipa::path(get, path = "/api/events/{key}", tag = "events",
     params(("key" = Uuid, Path, description = "idempotency key of the event")),
-    responses((status = 200, description = "CloudEvents 1.0 envelope (aggregate form for viewers)"), (status = 404, description = "unknown or not in the caller's audience")))]
+    responses(
+        (status = 200, description = "CloudEvents 1.0 envelope (aggregate form for viewers)", body = CloudEventDoc),
+        (status = 401, description = "unauthenticated"),
+        (status = 404, description = "not-found: unknown or not in the caller's audience"),
+        (status = 422, description = "invalid-field: the key is not a UUID"),
+        (status = 503, description = "unavailable: retry (Retry-After)")))]
 pub async fn get_event(
     State(pool): State<PgPool>,
     caller: Principal,
-    Path(key): Path<String>,
+    AppPath(key): AppPath<String>,
 ) -> ApiResult<AppJson<Value>> {
     let key: Uuid = key
         .parse()
@@ -161,6 +166,37 @@ pub async fn get_event(
     } else {
         env
     }))
+}
+
+/// A CloudEvents 1.0 envelope in JSON structured mode (docs/events.md); documentation only.
+#[derive(utoipa::ToSchema)]
+#[schema(as = CloudEvent)]
+#[allow(dead_code)]
+pub struct CloudEventDoc {
+    /// `1.0`.
+    specversion: String,
+    /// Unique per event, stable across redelivery.
+    id: String,
+    /// `lead-management`.
+    source: String,
+    /// `dashboard.lead_created`, `dashboard.lead_status_changed`, `dashboard.lead_assigned`,
+    /// `dashboard.activity_logged`, `dashboard.followup_completed`.
+    #[schema(rename = "type")]
+    event_type: String,
+    /// The lead id (absent for batch events and for viewers).
+    #[schema(required = false)]
+    subject: String,
+    time: chrono::DateTime<chrono::Utc>,
+    /// `application/json`.
+    datacontenttype: String,
+    /// UUID v5 over the event's canonical string.
+    idempotencykey: Uuid,
+    /// Outbox position.
+    #[schema(required = false, minimum = 1)]
+    position: i64,
+    /// The payload of the event type; viewers get only its aggregate fields.
+    #[schema(value_type = Object)]
+    data: Value,
 }
 
 /// Background work of the event path of one instance: the doorbell, the listener (unless

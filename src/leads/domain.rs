@@ -7,11 +7,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::Role;
 
+/// An enum spelled on the wire (JSON, query parameters, database) as `$wire`. Its OpenAPI schema
+/// is written here, not derived: utoipa does not see serde renames passed through a macro and
+/// would document the Rust variant names.
 macro_rules! wire_enum {
-    ($(#[$m:meta])* $name:ident { $($variant:ident = $wire:literal),+ $(,)? }) => {
-        $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+    (#[doc = $doc:literal] $name:ident { $($variant:ident = $wire:literal),+ $(,)? }) => {
+        #[doc = $doc]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
         pub enum $name { $(#[serde(rename = $wire)] $variant),+ }
+
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                string_enum($doc.trim(), &[$($wire),+]).into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
 
         impl $name {
             /// Every value, in declaration order.
@@ -34,6 +45,16 @@ macro_rules! wire_enum {
 
         crate::text_column!($name);
     };
+}
+
+/// The schema of a string enum with exactly `values`.
+pub fn string_enum(description: &str, values: &[&str]) -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some(description))
+        .enum_values(Some(values.iter().copied()))
+        .build()
 }
 
 wire_enum!(

@@ -1,16 +1,17 @@
 //! Lead HTTP handlers: extract, call the service, map the result to a response. No SQL here.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use uuid::Uuid;
 
+use super::domain::LeadStatus;
 use super::model::*;
 use super::service::{self, LeadService, Written};
 use super::LeadsState;
 use crate::auth::{MaybePrincipal, Principal};
-use crate::error::{ApiError, ApiResult, AppJson};
+use crate::error::{ApiError, ApiResult, AppJson, AppPath};
 use crate::events::envelope::EventType;
 
 /// Header carrying the outbox position of a write's event (read-your-writes).
@@ -48,7 +49,19 @@ fn writer(state: &LeadsState, caller: MaybePrincipal, event: EventType) -> ApiRe
 
 /// Creates a lead; the creator becomes its owner.
 #[utoipa::path(post, path = "/api/leads", tag = "leads", request_body = CreateLead,
-    responses((status = 201, body = Lead), (status = 401), (status = 403), (status = 409, description = "duplicate-contact"), (status = 422)))]
+    responses(
+        (status = 201, description = "created", body = Lead, headers(
+            ("ETag" = String, description = "the lead's version, quoted"),
+            ("Location" = String, description = "`/api/leads/{id}`"),
+            ("FreshPlan-Position" = String, description = "outbox position of the write's event"))),
+        (status = 400, description = "malformed-json"),
+        (status = 401, description = "unauthenticated"),
+        (status = 403, description = "forbidden: viewers; a territory other than the caller's (sales, manager)"),
+        (status = 409, description = "duplicate-contact: a live lead with this email exists in the territory (`existingLeadId` when the caller sees it)"),
+        (status = 413, description = "payload-too-large"),
+        (status = 415, description = "unsupported-media-type: the body is not `application/json`"),
+        (status = 422, description = "invalid-field: the detail names the field (schema rules, unknown collaborator)"),
+        (status = 503, description = "unavailable or contention: retry (Retry-After)")))]
 pub async fn create_lead(
     State(state): State<LeadsState>,
     caller: MaybePrincipal,
@@ -78,13 +91,19 @@ pub async fn create_lead(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
-    /// Filter by status.
+    /// Filter by status (the wire spelling; case-insensitive).
+    #[param(value_type = Option<LeadStatus>)]
     pub status: Option<String>,
     /// Filter by owner user id.
+    #[param(schema_with = rules::user_id)]
     pub owner: Option<String>,
-    /// Substring of company name or city (case-insensitive).
+    /// Substring of company name or city (case-insensitive; one line, at most 200 characters;
+    /// blank matches every lead).
+    #[param(value_type = Option<String>, max_length = 200, pattern = r"^[^\u0000-\u001f\u007f-\u009f]*$")]
     pub q: Option<String>,
-    /// Exact contact email (any spelling; matched by keyed hash, never decrypted for search).
+    /// Exact contact email (any spelling; matched by keyed hash, never decrypted for search);
+    /// blank is no filter.
+    #[param(schema_with = rules::email_filter)]
     pub email: Option<String>,
     /// Page number, from 0.
     #[param(minimum = 0, maximum = 100000)]
@@ -96,7 +115,13 @@ pub struct ListParams {
 
 /// Lists the leads the caller may see.
 #[utoipa::path(get, path = "/api/leads", tag = "leads", params(ListParams),
-    responses((status = 200, body = LeadPage), (status = 401), (status = 403), (status = 422)))]
+    responses(
+        (status = 200, description = "one page of the leads the caller sees", body = LeadPage),
+        (status = 401, description = "unauthenticated"),
+        (status = 403, description = "forbidden: viewers see aggregates only"),
+        (status = 422, description = "invalid-field: a parameter out of its bounds, an unknown parameter"),
+        (status = 500, description = "contact-data-unreadable: a lead's stored contact data does not decrypt"),
+        (status = 503, description = "unavailable: retry (Retry-After)")))]
 pub async fn list_leads(
     State(service): State<LeadService>,
     caller: Principal,
@@ -115,39 +140,66 @@ pub async fn list_leads(
 }
 
 /// One lead; 404 when it is outside the caller's view.
-#[utoipa::path(get, path = "/api/leads/{id}", tag = "leads", params(("id" = Uuid, Path)),
-    responses((status = 200, body = Lead), (status = 404)))]
+#[utoipa::path(get, path = "/api/leads/{id}", tag = "leads", params(("id" = Uuid, Path, description = "the lead's id")),
+    responses(
+        (status = 200, description = "the lead", body = Lead, headers(("ETag" = String, description = "the lead's version, quoted"))),
+        (status = 401, description = "unauthenticated"),
+        (status = 403, description = "forbidden: viewers see aggregates only"),
+        (status = 404, description = "not-found: no such lead in the caller's view (also for an id that is not a UUID)"),
+        (status = 500, description = "contact-data-unreadable: the lead's stored contact data does not decrypt"),
+        (status = 503, description = "unavailable: retry (Retry-After)")))]
 pub async fn get_lead(
     State(service): State<LeadService>,
     caller: Principal,
-    Path(id): Path<String>,
+    AppPath(id): AppPath<String>,
 ) -> ApiResult<Response> {
     let lead = service.get(&caller, uuid_path(&id)?).await?;
     Ok(([(header::ETAG, etag(lead.version))], AppJson(lead)).into_response())
 }
 
+/// The version in `If-Match`: `"3"`, `W/"3"` or `3` (`rules::IF_MATCH`, at most 18 digits).
 fn if_match(headers: &HeaderMap) -> ApiResult<i64> {
     let raw = headers
         .get(header::IF_MATCH)
         .ok_or(ApiError::PreconditionRequired)?;
-    let raw = raw
-        .to_str()
-        .map_err(|_| ApiError::field("If-Match must be the lead's ETag, e.g. \"3\""))?;
-    raw.trim()
-        .trim_start_matches("W/")
-        .trim_matches('"')
-        .parse()
-        .map_err(|_| ApiError::field("If-Match must be the lead's ETag, e.g. \"3\""))
+    let invalid = || ApiError::field("If-Match must be the lead's ETag, e.g. \"3\"");
+    let raw = raw.to_str().map_err(|_| invalid())?.trim();
+    let raw = raw.strip_prefix("W/").unwrap_or(raw);
+    let digits = match raw.strip_prefix('"') {
+        Some(rest) => rest.strip_suffix('"').ok_or_else(invalid)?,
+        None => raw,
+    };
+    if digits.is_empty() || digits.len() > 18 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    digits.parse().map_err(|_| invalid())
 }
 
 /// Changes a lead: status (status machine), owner, collaborators, contact and flags.
-#[utoipa::path(patch, path = "/api/leads/{id}", tag = "leads", request_body = PatchLead, params(("id" = Uuid, Path),
-    ("If-Match" = String, Header, description = "the lead's ETag")),
-    responses((status = 200, body = Lead), (status = 204, description = "changed; the caller no longer sees the lead"), (status = 404), (status = 409, description = "invalid-transition"), (status = 412), (status = 428)))]
+#[utoipa::path(patch, path = "/api/leads/{id}", tag = "leads", request_body = PatchLead, params(("id" = Uuid, Path, description = "the lead's id"),
+    ("If-Match" = String, Header, description = "the lead's `ETag` (`\"3\"`, `W/\"3\"` or `3`); without it 428, stale 412", pattern = r#"^(?:W/)?(?:"[0-9]{1,18}"|[0-9]{1,18})$"#)),
+    responses(
+        (status = 200, description = "changed (or nothing to change)", body = Lead, headers(
+            ("ETag" = String, description = "the lead's new version, quoted"),
+            ("FreshPlan-Position" = String, description = "outbox position of the write's last event (0 when nothing changed)"))),
+        (status = 204, description = "changed; the caller no longer sees the lead (handed to another owner)", headers(
+            ("FreshPlan-Position" = String, description = "outbox position of the write's last event"))),
+        (status = 400, description = "malformed-json"),
+        (status = 401, description = "unauthenticated"),
+        (status = 403, description = "forbidden: viewers; neither owner, manager of the territory nor admin"),
+        (status = 404, description = "not-found: no such lead in the caller's view (also for an id that is not a UUID)"),
+        (status = 409, description = "invalid-transition (status machine) or duplicate-contact"),
+        (status = 412, description = "stale-version: `currentVersion` is the lead's version"),
+        (status = 413, description = "payload-too-large"),
+        (status = 415, description = "unsupported-media-type: the body is not `application/json`"),
+        (status = 422, description = "invalid-field: the detail names the field (schema rules, If-Match not an ETag, unknown user)"),
+        (status = 428, description = "precondition-required: no If-Match"),
+        (status = 500, description = "contact-data-unreadable: the lead's stored contact data does not decrypt"),
+        (status = 503, description = "unavailable or contention: retry (Retry-After)")))]
 pub async fn patch_lead(
     State(state): State<LeadsState>,
     caller: MaybePrincipal,
-    Path(id): Path<String>,
+    AppPath(id): AppPath<String>,
     headers: HeaderMap,
     AppJson(body): AppJson<PatchLead>,
 ) -> ApiResult<Response> {
@@ -163,12 +215,22 @@ pub async fn patch_lead(
 }
 
 /// Logs an activity on a lead the caller can see.
-#[utoipa::path(post, path = "/api/leads/{id}/activities", tag = "leads", request_body = NewActivity, params(("id" = Uuid, Path)),
-    responses((status = 201, body = Activity), (status = 404), (status = 422)))]
+#[utoipa::path(post, path = "/api/leads/{id}/activities", tag = "leads", request_body = NewActivity, params(("id" = Uuid, Path, description = "the lead's id")),
+    responses(
+        (status = 201, description = "logged", body = Activity, headers(
+            ("FreshPlan-Position" = String, description = "outbox position of the write's event"))),
+        (status = 400, description = "malformed-json"),
+        (status = 401, description = "unauthenticated"),
+        (status = 403, description = "forbidden: viewers"),
+        (status = 404, description = "not-found: no such lead in the caller's view, or deleted"),
+        (status = 413, description = "payload-too-large"),
+        (status = 415, description = "unsupported-media-type: the body is not `application/json`"),
+        (status = 422, description = "invalid-field: the detail names the field (schema rules, occurredAt in the future)"),
+        (status = 503, description = "unavailable or contention: retry (Retry-After)")))]
 pub async fn add_activity(
     State(state): State<LeadsState>,
     caller: MaybePrincipal,
-    Path(id): Path<String>,
+    AppPath(id): AppPath<String>,
     AppJson(body): AppJson<NewActivity>,
 ) -> ApiResult<Response> {
     let caller = writer(&state, caller, EventType::ActivityLogged)?;
@@ -183,12 +245,17 @@ pub async fn add_activity(
 }
 
 /// The activities of a lead the caller can see, newest first.
-#[utoipa::path(get, path = "/api/leads/{id}/activities", tag = "leads", params(("id" = Uuid, Path)),
-    responses((status = 200, body = [Activity]), (status = 404)))]
+#[utoipa::path(get, path = "/api/leads/{id}/activities", tag = "leads", params(("id" = Uuid, Path, description = "the lead's id")),
+    responses(
+        (status = 200, description = "the lead's activities, newest first", body = [Activity]),
+        (status = 401, description = "unauthenticated"),
+        (status = 403, description = "forbidden: viewers"),
+        (status = 404, description = "not-found: no such lead in the caller's view"),
+        (status = 503, description = "unavailable: retry (Retry-After)")))]
 pub async fn list_activities(
     State(service): State<LeadService>,
     caller: Principal,
-    Path(id): Path<String>,
+    AppPath(id): AppPath<String>,
 ) -> ApiResult<AppJson<Vec<Activity>>> {
     Ok(AppJson(service.activities(&caller, uuid_path(&id)?).await?))
 }

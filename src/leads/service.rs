@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::domain::{ActivityType, LeadStatus};
-use super::model::{Activity, CreateLead, Lead, LeadPage, NewActivity, PatchLead};
+use super::model::{rules, Activity, CreateLead, Lead, LeadPage, NewActivity, PatchLead};
 use super::repo::{self, LeadRow, SealedContact};
 use crate::db::{self, Tx};
 use crate::error::{ApiError, ApiResult};
@@ -58,14 +58,80 @@ pub fn pii_error(e: pii::PiiError) -> ApiError {
     }
 }
 
-fn text(field: &str, value: Option<String>, max: usize) -> ApiResult<Option<String>> {
-    match value.map(|v| v.trim().to_string()) {
-        Some(v) if v.is_empty() => Ok(None),
-        Some(v) if v.chars().count() > max => Err(ApiError::field(format!(
-            "{field} must be at most {max} characters"
-        ))),
-        other => Ok(other),
+/// Checks a text value against `model::rules` (no control characters — free text may hold tab and
+/// line breaks —, at most `max` characters as sent) and trims it; blank is absent.
+fn checked(
+    field: &str,
+    value: Option<String>,
+    max: usize,
+    free_text: bool,
+) -> ApiResult<Option<String>> {
+    let Some(v) = value else {
+        return Ok(None);
+    };
+    let allowed = |c: char| free_text && matches!(c, '\t' | '\n' | '\r');
+    if let Some(c) = v.chars().find(|c| c.is_control() && !allowed(*c)) {
+        return Err(ApiError::field(format!(
+            "{field} must not contain control characters (found U+{:04X})",
+            c as u32
+        )));
     }
+    if v.chars().count() > max {
+        return Err(ApiError::field(format!(
+            "{field} must be at most {max} characters"
+        )));
+    }
+    let trimmed = v.trim();
+    Ok((!trimmed.is_empty()).then(|| trimmed.to_string()))
+}
+
+/// One line of stored text (see [`checked`]).
+fn text(field: &str, value: Option<String>, max: usize) -> ApiResult<Option<String>> {
+    checked(field, value, max, false)
+}
+
+/// A user id as the API accepts it: 1 to 128 characters, no control characters. Whether the user
+/// exists is the database's to say.
+fn user_id(field: &str, id: &str) -> ApiResult<()> {
+    let n = id.chars().count();
+    if id.chars().any(char::is_control) || n == 0 || n > rules::USER_ID_MAX {
+        return Err(ApiError::field(format!(
+            "{field} must be a user id: 1 to {} characters without control characters",
+            rules::USER_ID_MAX
+        )));
+    }
+    Ok(())
+}
+
+fn collaborator_ids(ids: &[String]) -> ApiResult<()> {
+    if ids.len() > rules::COLLABORATORS_MAX {
+        return Err(ApiError::field(format!(
+            "collaborators must list at most {} users",
+            rules::COLLABORATORS_MAX
+        )));
+    }
+    ids.iter().try_for_each(|id| user_id("collaborators", id))
+}
+
+/// Checks the contact fields of a request without sealing them (`None`: not sent or cleared).
+fn check_contact(
+    contact_person: Option<&str>,
+    email: Option<&str>,
+    phone: Option<&str>,
+) -> ApiResult<()> {
+    text(
+        "contactPerson",
+        contact_person.map(str::to_string),
+        rules::CONTACT_PERSON_MAX,
+    )?;
+    if let Some(e) = text("email", email.map(str::to_string), rules::EMAIL_MAX)? {
+        pii::normalize_email(&e).map_err(ApiError::field)?;
+    }
+    if let Some(p) = text("phone", phone.map(str::to_string), rules::PHONE_MAX)? {
+        // Validity does not depend on the territory: every calling code has two digits.
+        pii::normalize_phone(&p, Territory::DE).map_err(ApiError::field)?;
+    }
+    Ok(())
 }
 
 /// Validates, normalises and encrypts contact fields. Clear text stays in this function.
@@ -77,11 +143,11 @@ fn seal_contact(
     email: Option<String>,
     phone: Option<String>,
 ) -> ApiResult<SealedContact> {
-    let contact_person = text("contactPerson", contact_person, 200)?;
-    let email = text("email", email, 254)?
+    let contact_person = text("contactPerson", contact_person, rules::CONTACT_PERSON_MAX)?;
+    let email = text("email", email, rules::EMAIL_MAX)?
         .map(|e| pii::normalize_email(&e).map_err(ApiError::field))
         .transpose()?;
-    let phone = text("phone", phone, 40)?;
+    let phone = text("phone", phone, rules::PHONE_MAX)?;
     let phone_norm = phone
         .as_deref()
         .map(|p| pii::normalize_phone(p, territory).map_err(ApiError::field))
@@ -142,9 +208,14 @@ pub async fn create_in(
         Some(t) => t,
         None => caller.territory,
     };
-    let company_name = text("companyName", Some(body.company_name), 200)?
-        .ok_or_else(|| ApiError::field("companyName must not be empty"))?;
-    let city = text("city", body.city, 120)?;
+    let company_name = text(
+        "companyName",
+        Some(body.company_name),
+        rules::COMPANY_NAME_MAX,
+    )?
+    .ok_or_else(|| ApiError::field("companyName must not be empty"))?;
+    let city = text("city", body.city, rules::CITY_MAX)?;
+    collaborator_ids(&body.collaborators)?;
     let id = Uuid::now_v7();
     let now = envelope::micros(now);
     let sealed = seal_contact(
@@ -233,6 +304,19 @@ pub async fn patch_in(
     body: PatchLead,
     now: DateTime<Utc>,
 ) -> ApiResult<Outcome<Patched>> {
+    // The request as such first: a malformed value is refused whatever the lead's state.
+    let reason = checked("reason", body.reason.clone(), rules::REASON_MAX, true)?;
+    if let Some(owner) = &body.owner_user_id {
+        user_id("ownerUserId", owner)?;
+    }
+    if let Some(c) = &body.collaborators {
+        collaborator_ids(c)?;
+    }
+    check_contact(
+        body.contact_person.as_ref().and_then(|v| v.as_deref()),
+        body.email.as_ref().and_then(|v| v.as_deref()),
+        body.phone.as_ref().and_then(|v| v.as_deref()),
+    )?;
     let row = repo::fetch_for_update(tx, id)
         .await?
         .ok_or(ApiError::NotFound("lead"))?;
@@ -351,7 +435,6 @@ pub async fn patch_in(
             events: Vec::new(),
         });
     }
-    let reason = text("reason", body.reason.clone(), 500)?;
 
     // A live lead elsewhere with the same email that the caller cannot see still makes the
     // unique index refuse the update: that maps to duplicate-contact without an id.
@@ -472,8 +555,13 @@ pub async fn add_activity_in(
             body.activity_type
         )));
     }
-    let description = text("description", body.description, 4000)?;
-    let outcome = text("outcome", body.outcome, 64)?;
+    let description = checked(
+        "description",
+        body.description,
+        rules::DESCRIPTION_MAX,
+        true,
+    )?;
+    let outcome = text("outcome", body.outcome, rules::OUTCOME_MAX)?;
     let now = envelope::micros(now);
     let occurred_at = envelope::micros(body.occurred_at.unwrap_or(now));
     if occurred_at > now + chrono::Duration::minutes(5) {
@@ -685,6 +773,13 @@ impl LeadService {
                 "page must be between 0 and {MAX_PAGE} and size between 1 and 500"
             )));
         }
+        let owner = q
+            .owner
+            .map(|o| user_id("owner", &o).map(|_| o))
+            .transpose()?;
+        let search = checked("q", q.q, rules::SEARCH_MAX, false)?;
+        // A blank email filter is no filter.
+        let email = text("email", q.email, rules::EMAIL_MAX)?;
         let status = q
             .status
             .as_deref()
@@ -693,8 +788,7 @@ impl LeadService {
                     .ok_or_else(|| ApiError::field(format!("unknown status `{s}`")))
             })
             .transpose()?;
-        let email_hash = q
-            .email
+        let email_hash = email
             .as_deref()
             .map(|e| {
                 pii::normalize_email(e)
@@ -702,7 +796,7 @@ impl LeadService {
                     .map_err(ApiError::field)
             })
             .transpose()?;
-        let pattern = q.q.as_deref().map(|s| {
+        let pattern = search.as_deref().map(|s| {
             format!(
                 "%{}%",
                 s.replace('\\', "\\\\")
@@ -712,7 +806,7 @@ impl LeadService {
         });
         let filter = repo::ListFilter {
             status,
-            owner: q.owner.as_deref(),
+            owner: owner.as_deref(),
             pattern: pattern.as_deref(),
             email_hash: email_hash.as_deref(),
         };

@@ -93,17 +93,48 @@ where
 #[derive(Clone)]
 pub struct ProbePool(pub PgPool);
 
+/// Health answer (MicroProfile style), documentation of the JSON `live` and `ready` build.
+#[derive(utoipa::ToSchema)]
+#[schema(as = Health)]
+#[allow(dead_code)]
+pub struct HealthDoc {
+    status: UpDown,
+    /// `database` and `lead-event-handler` (readiness); none for liveness.
+    checks: Vec<HealthCheckDoc>,
+}
+
+/// One check of a health answer.
+#[derive(utoipa::ToSchema)]
+#[schema(as = HealthCheck)]
+#[allow(dead_code)]
+pub struct HealthCheckDoc {
+    name: String,
+    status: UpDown,
+    /// `lead-event-handler`: `{"state": "disconnected" | "catching-up" | "live" | "disabled"}`.
+    #[schema(required = false)]
+    data: std::collections::HashMap<String, String>,
+}
+
+/// Up or down.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "UPPERCASE")]
+#[allow(dead_code)]
+pub enum UpDown {
+    Up,
+    Down,
+}
+
 /// Liveness: the process answers.
 #[utoipa::path(get, path = "/q/health/live", tag = "operations", security(()),
-    responses((status = 200, description = "`{\"status\":\"UP\",\"checks\":[]}`")))]
+    responses((status = 200, description = "`{\"status\":\"UP\",\"checks\":[]}`", body = HealthDoc)))]
 pub async fn live() -> Json<Value> {
     Json(json!({"status": "UP", "checks": []}))
 }
 
 /// Readiness: database reachable and the listener live (or deliberately disabled).
 #[utoipa::path(get, path = "/q/health/ready", tag = "operations", security(()),
-    responses((status = 200, description = "UP: checks `database` and `lead-event-handler`"),
-        (status = 503, description = "DOWN: database unreachable, or the listener disconnected or catching up")))]
+    responses((status = 200, description = "UP: checks `database` and `lead-event-handler`", body = HealthDoc),
+        (status = 503, description = "DOWN: database unreachable, or the listener disconnected or catching up", body = HealthDoc)))]
 pub async fn ready(State(health): State<HealthState>) -> (StatusCode, Json<Value>) {
     let db_up = tokio::time::timeout(
         std::time::Duration::from_secs(2),

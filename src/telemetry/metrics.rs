@@ -180,7 +180,7 @@ impl Default for Metrics {
 
 /// `GET /q/metrics`.
 #[utoipa::path(get, path = "/q/metrics", tag = "operations", security(()),
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain"),
+    responses((status = 200, description = "Prometheus text format (version 0.0.4)", body = String, content_type = "text/plain"),
         (status = 404, description = "feature-disabled (features.metrics.prometheus.enabled=false)")))]
 pub async fn metrics_endpoint(State(metrics): State<Arc<Metrics>>) -> Response {
     (
