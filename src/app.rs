@@ -26,6 +26,8 @@ use crate::events::consumer::Dispatcher;
 use crate::events::dedupe::DedupeCache;
 use crate::events::hub::Hub;
 use crate::events::{EventsState, Publisher};
+use crate::http_security;
+use crate::http_server::{self, Limits};
 use crate::leads::service::LeadService;
 use crate::leads::LeadsState;
 use crate::pii::Vault;
@@ -385,6 +387,8 @@ pub fn router(state: AppState) -> Router {
         }));
     }
     api.fallback(not_found)
+        .layer(axum::middleware::from_fn(http_security::time_limit))
+        .layer(axum::middleware::from_fn(http_security::protect))
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             metrics::track_http,
@@ -410,6 +414,11 @@ pub struct Server {
 impl Server {
     /// Binds `bind` (port 0 picks a free port), starts the event runtime and serves.
     pub async fn start(state: AppState, bind: &str) -> anyhow::Result<Self> {
+        Self::start_with(state, bind, Limits::default()).await
+    }
+
+    /// Same, with connection limits of its own.
+    pub async fn start_with(state: AppState, bind: &str, limits: Limits) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .with_context(|| format!("cannot bind {bind}"))?;
@@ -426,16 +435,7 @@ impl Server {
         .await?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let app = router(state.clone());
-        let http = tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.await;
-                })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "HTTP server stopped");
-            }
-        });
+        let http = tokio::spawn(http_server::serve(listener, app, limits, rx));
         tracing::info!(%addr, "FreshPlan Leads listening");
         Ok(Server {
             addr,
@@ -458,13 +458,9 @@ impl Server {
         }
         self.background.stop().await;
         if let Some(h) = self.http.take() {
-            // Open SSE streams would keep graceful shutdown waiting: give it a moment.
-            if tokio::time::timeout(std::time::Duration::from_secs(5), h)
-                .await
-                .is_err()
-            {
-                tracing::warn!("HTTP connections still open at shutdown");
-            }
+            // The loop itself bounds the wait for open connections (SSE streams end when the
+            // hub closes them above).
+            let _ = h.await;
         }
         self.state.pool.close().await;
         self.state.probe.0.close().await;

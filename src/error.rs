@@ -51,6 +51,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("service unavailable: {0}")]
     Unavailable(String),
+    /// The request was not answered within the per-request time limit.
+    #[error("the request took too long (a slow upload or an overloaded service); retry")]
+    RequestTimeout,
     /// `minPosition` was not reflected within the bounded wait.
     #[error("the numbers do not include position {0} yet; retry shortly")]
     NotYetConsistentAt(i64),
@@ -158,6 +161,11 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 "Service unavailable",
+            ),
+            RequestTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "Request timeout",
             ),
             NotYetConsistentAt(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -301,6 +309,10 @@ impl From<sqlx::Error> for ApiError {
             "22021" | "22P05" => ApiError::InvalidField(
                 "a text value contains a character that cannot be stored (e.g. NUL)".into(),
             ),
+            // statement_timeout: the database took too long for this request.
+            "57014" => {
+                ApiError::Unavailable("the database took too long to answer, retry shortly".into())
+            }
             // connection exceptions, shutdown in progress, too many connections.
             c if c.starts_with("08") || c.starts_with("57P") || c == "53300" => {
                 ApiError::Unavailable("the database is unavailable, retry shortly".into())

@@ -11,6 +11,8 @@ pub mod db;
 pub mod demo;
 pub mod error;
 pub mod events;
+pub mod http_security;
+pub mod http_server;
 pub mod identity;
 pub mod leads;
 pub mod pii;

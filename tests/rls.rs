@@ -192,16 +192,20 @@ async fn assert_no_identity_sees_and_writes_nothing(
             ),
             Ok(_) => panic!("INSERT into {table} {how} was accepted"),
         }
-        let updated = app
-            .execute(format!("UPDATE {table} SET {first} = {first}").as_str())
-            .await
-            .unwrap();
-        assert_eq!(updated.rows_affected(), 0, "UPDATE of {table} {how}");
-        let deleted = app
-            .execute(format!("DELETE FROM {table}").as_str())
-            .await
-            .unwrap();
-        assert_eq!(deleted.rows_affected(), 0, "DELETE from {table} {how}");
+        // UPDATE and DELETE touch no row; on a table where the application role lacks the
+        // privilege altogether (users, see migration 0003) they are refused outright.
+        for sql in [
+            format!("UPDATE {table} SET {first} = {first}"),
+            format!("DELETE FROM {table}"),
+        ] {
+            match app.execute(sql.as_str()).await {
+                Ok(done) => assert_eq!(done.rows_affected(), 0, "{sql} {how}"),
+                Err(e) => assert!(
+                    e.to_string().contains("permission denied for table"),
+                    "{sql} {how}: {e}"
+                ),
+            }
+        }
         let after: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
             .fetch_one(&mut *su)
             .await
@@ -339,6 +343,17 @@ async fn the_service_refuses_to_start_as_a_role_that_could_bypass_rls() {
     // A BYPASSRLS role.
     admin
         .execute("DO $$ BEGIN CREATE ROLE fp_test_bypass LOGIN BYPASSRLS; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$")
+        .await
+        .unwrap();
+    // Only the application role may connect (migration 0003): let this one in to be refused.
+    admin
+        .execute(
+            format!(
+                "GRANT CONNECT ON DATABASE \"{}\" TO fp_test_bypass",
+                db.name
+            )
+            .as_str(),
+        )
         .await
         .unwrap();
     let bypass_url = db.app_url().replace("freshplan_app@", "fp_test_bypass@");

@@ -11,7 +11,10 @@ use anyhow::{bail, Context};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::identity::Principal;
+use crate::identity::{Principal, Role};
+
+/// `statement_timeout` of every transaction opened for a caller (not for the system principal).
+pub const REQUEST_STATEMENT_TIMEOUT: &str = "5s";
 
 /// A transaction whose every statement runs under a principal's RLS identity.
 pub type Tx = Transaction<'static, Postgres>;
@@ -45,13 +48,18 @@ pub async fn begin_as(pool: &PgPool, p: &Principal) -> Result<Tx, sqlx::Error> {
 
 /// Sets the identity on an open transaction.
 pub async fn set_identity(tx: &mut Tx, p: &Principal) -> Result<(), sqlx::Error> {
+    // Work on behalf of a caller is bounded (a runaway query must not hold a connection and its
+    // locks); background work as the system principal keeps the server default.
+    let statement_timeout = (p.role != Role::System).then_some(REQUEST_STATEMENT_TIMEOUT);
     sqlx::query(
         "SELECT set_config('app.user_id', $1, true), set_config('app.role', $2, true), \
-         set_config('app.territory', $3, true)",
+         set_config('app.territory', $3, true), \
+         set_config('statement_timeout', coalesce($4, current_setting('statement_timeout')), true)",
     )
     .bind(&p.user_id)
     .bind(p.role.as_str())
     .bind(p.territory.code())
+    .bind(statement_timeout)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -286,13 +286,22 @@ pub fn vault_from(settings: &Settings) -> Vault {
 }
 
 async fn start(db: &TestDb, env: &[(&str, &str)]) -> Server {
+    start_with_limits(db, env, freshplan::http_server::Limits::default()).await
+}
+
+/// An instance on `db` with connection limits of its own.
+pub async fn start_with_limits(
+    db: &TestDb,
+    env: &[(&str, &str)],
+    limits: freshplan::http_server::Limits,
+) -> Server {
     let settings = db.settings(env);
     let vault = vault_from(&settings);
     let auth = Authenticator::from_settings(&settings.jwt, false).unwrap();
     let state = AppState::connect(settings, auth, vault)
         .await
         .expect("connect as application role");
-    Server::start(state, "127.0.0.1:0")
+    Server::start_with(state, "127.0.0.1:0", limits)
         .await
         .expect("server starts")
 }
