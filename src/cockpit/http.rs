@@ -243,7 +243,8 @@ pub async fn lead_widget(
     }
     let scope = scope_for(&caller, requested)?;
     let answer = state.widget.answer(&caller, scope, q.min_position).await?;
-    Ok(([(header::CACHE_CONTROL, "no-store")], AppJson(answer.body)).into_response())
+    // `Cache-Control: no-store` comes from the security middleware, as for every /api answer.
+    Ok(AppJson(answer.body).into_response())
 }
 
 /// The caller as the service sees them.
