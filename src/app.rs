@@ -26,6 +26,12 @@ use crate::events::consumer::Dispatcher;
 use crate::events::dedupe::DedupeCache;
 use crate::events::hub::Hub;
 use crate::events::{EventsState, Publisher};
+use crate::followups::clock::Clock;
+use crate::followups::job::{Job, UNSUBSCRIBE_KEY_PURPOSE};
+use crate::followups::mailer::{self, Dispatcher as MailDispatcher};
+use crate::followups::token::TokenSigner;
+use crate::followups::unsubscribe::Unsubscribe;
+use crate::followups::FollowupsState;
 use crate::http_security;
 use crate::http_server::{self, Limits};
 use crate::leads::service::LeadService;
@@ -33,7 +39,7 @@ use crate::leads::LeadsState;
 use crate::pii::Vault;
 use crate::telemetry::health::{ListenerHealth, ProbePool};
 use crate::telemetry::metrics::{self, Metrics};
-use crate::{auth, cockpit, db, events, leads, telemetry};
+use crate::{auth, cockpit, db, events, followups, leads, telemetry};
 
 /// How long a lead-widget answer may be served from the cache when no event invalidated it.
 pub const WIDGET_CACHE_TTL: Duration = Duration::from_secs(60);
@@ -62,6 +68,14 @@ pub struct AppState {
     pub widget: Arc<Widget>,
     /// The leads use cases.
     pub leads: LeadService,
+    /// The follow-up job's clock (tests and the demo move it).
+    pub clock: Arc<Clock>,
+    /// The T+3/T+7 job.
+    pub followups: Arc<Job>,
+    /// The mail outbox's dispatcher.
+    pub mail: Arc<MailDispatcher>,
+    /// Unsubscribe links.
+    pub unsubscribe: Arc<Unsubscribe>,
 }
 
 impl AppState {
@@ -106,7 +120,32 @@ impl AppState {
             vault: vault.clone(),
             publisher: publisher.clone(),
         };
+        // Every publish result of every event type exported from the start (0, not absent).
+        for event_type in events::envelope::EventType::ALL {
+            for result in [
+                "success",
+                "failure",
+                "denied",
+                "unauthenticated",
+                "truncated",
+            ] {
+                metrics
+                    .events_published
+                    .with_label_values(&[event_type.as_str(), events::MODULE, result])
+                    .inc_by(0);
+            }
+        }
+        let FollowupParts {
+            clock,
+            job: followups,
+            mail,
+            unsubscribe,
+        } = FollowupParts::new(&settings, &pool, &vault, &metrics, &publisher)?;
         Ok(AppState {
+            clock,
+            followups,
+            mail,
+            unsubscribe,
             settings: Arc::new(settings),
             pool,
             probe,
@@ -135,6 +174,62 @@ impl AppState {
     }
 }
 
+/// The follow-up job, its mail dispatcher and the unsubscribe links of one process (the
+/// service, or `freshplan followups run`).
+pub struct FollowupParts {
+    pub clock: Arc<Clock>,
+    pub job: Arc<Job>,
+    pub mail: Arc<MailDispatcher>,
+    pub unsubscribe: Arc<Unsubscribe>,
+}
+
+impl FollowupParts {
+    /// Assembles them from the settings.
+    pub fn new(
+        settings: &Settings,
+        pool: &PgPool,
+        vault: &Arc<Vault>,
+        metrics: &Arc<Metrics>,
+        publisher: &Publisher,
+    ) -> anyhow::Result<Self> {
+        let clock = Arc::new(Clock::system());
+        let signer = TokenSigner::new(vault.derived_key(UNSUBSCRIBE_KEY_PURPOSE));
+        let mail = Arc::new(MailDispatcher {
+            pool: pool.clone(),
+            vault: vault.clone(),
+            publisher: publisher.clone(),
+            metrics: metrics.clone(),
+            clock: clock.clone(),
+            transport: mailer::Transport::from_settings(&settings.mail)?,
+            settings: settings.mail.clone(),
+            wake: Arc::new(tokio::sync::Notify::new()),
+        });
+        let job = Arc::new(Job {
+            pool: pool.clone(),
+            vault: vault.clone(),
+            publisher: publisher.clone(),
+            metrics: metrics.clone(),
+            clock: clock.clone(),
+            settings: settings.followup.clone(),
+            mail_from: settings.mail.from.clone(),
+            signer: signer.clone(),
+            dispatcher: mail.clone(),
+        });
+        let unsubscribe = Arc::new(Unsubscribe {
+            pool: pool.clone(),
+            signer,
+            clock: clock.clone(),
+            publisher: publisher.clone(),
+        });
+        Ok(FollowupParts {
+            clock,
+            job,
+            mail,
+            unsubscribe,
+        })
+    }
+}
+
 /// The OpenAPI 3.1 document of the API.
 #[derive(OpenApi)]
 #[openapi(
@@ -155,6 +250,9 @@ impl AppState {
         metrics::metrics_endpoint,
         openapi,
         events::sse::stream,
+        followups::http::run,
+        followups::http::unsubscribe_page,
+        followups::http::unsubscribe,
     ),
     components(schemas(
         leads::model::Lead,
@@ -171,8 +269,10 @@ impl AppState {
         cockpit::http::Me,
         cockpit::http::WidgetScope,
         crate::error::Problem,
+        followups::job::RunReport,
+        followups::http::TokenForm,
     )),
-    tags((name = "leads"), (name = "cockpit"), (name = "events"), (name = "operations")),
+    tags((name = "leads"), (name = "cockpit"), (name = "events"), (name = "followups"), (name = "operations")),
     modifiers(&BearerAuth, &Contract),
     security(("bearer" = []))
 )]
@@ -368,8 +468,15 @@ pub fn router(state: AppState) -> Router {
         widget: state.widget.clone(),
         widget_enabled: state.settings.features.lead_widget,
     };
+    let followups = FollowupsState {
+        auth: state.auth.clone(),
+        job: state.followups.clone(),
+        unsubscribe: state.unsubscribe.clone(),
+        enabled: state.settings.followup.enabled,
+    };
     let mut api = Router::new()
         .merge(leads::router(leads))
+        .merge(followups::router(followups))
         .merge(events::router(events))
         .merge(cockpit::router(cockpit))
         .route("/q/health/live", get(telemetry::health::live))
@@ -409,12 +516,21 @@ pub struct Server {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     http: Option<JoinHandle<()>>,
     background: events::Background,
+    /// The mail dispatcher and the follow-up schedule.
+    followup_tasks: Vec<JoinHandle<()>>,
+    followup_stop: Arc<tokio::sync::Notify>,
 }
 
 impl Server {
-    /// Binds `bind` (port 0 picks a free port), starts the event runtime and serves.
+    /// Binds `bind` (port 0 picks a free port), starts the event runtime and serves, with the
+    /// connection limits of the settings.
     pub async fn start(state: AppState, bind: &str) -> anyhow::Result<Self> {
-        Self::start_with(state, bind, Limits::default()).await
+        let limits = Limits {
+            max_connections: state.settings.max_connections,
+            header_read_timeout: Duration::from_secs(state.settings.header_timeout_seconds),
+            ..Limits::default()
+        };
+        Self::start_with(state, bind, limits).await
     }
 
     /// Same, with connection limits of its own.
@@ -433,6 +549,21 @@ impl Server {
             &state.auth,
         )
         .await?;
+        let followup_stop = Arc::new(tokio::sync::Notify::new());
+        let mut followup_tasks = vec![tokio::spawn(state.mail.clone().run(followup_stop.clone()))];
+        if state.settings.followup.enabled {
+            let schedule = crate::schedule::Schedule::parse(
+                &state.settings.followup.cron,
+                state.settings.followup.timezone,
+            )
+            .map_err(|e| anyhow::anyhow!("freshplan.followup.cron: {e}"))?;
+            followup_tasks.push(tokio::spawn(
+                state
+                    .followups
+                    .clone()
+                    .schedule(schedule, followup_stop.clone()),
+            ));
+        }
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let app = router(state.clone());
         let http = tokio::spawn(http_server::serve(listener, app, limits, rx));
@@ -443,6 +574,8 @@ impl Server {
             shutdown: Some(tx),
             http: Some(http),
             background,
+            followup_tasks,
+            followup_stop,
         })
     }
 
@@ -455,6 +588,13 @@ impl Server {
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+        // Safe to abort at any await: an unfinished transaction rolls back, a mail whose
+        // outcome was not recorded is taken up again when its claim expires.
+        self.followup_stop.notify_waiters();
+        for t in self.followup_tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
         }
         self.background.stop().await;
         if let Some(h) = self.http.take() {

@@ -187,6 +187,120 @@ const KEYS: &[Key] = &[
         alias_env: None,
         doc: "larger request bodies answer 413",
     },
+    Key {
+        name: "freshplan.http.max-connections",
+        default: "1024",
+        alias_env: None,
+        doc: "open connections per instance; one beyond is closed at once",
+    },
+    Key {
+        name: "freshplan.http.header-timeout-seconds",
+        default: "10",
+        alias_env: None,
+        doc: "time to send a request head, and idle time between requests",
+    },
+    Key {
+        name: "freshplan.followup.enabled",
+        default: "true",
+        alias_env: None,
+        doc: "false: no scheduled or on-demand follow-up runs (queued mails are still delivered)",
+    },
+    Key {
+        name: "freshplan.followup.cron",
+        default: "\"0 9 * * *\"",
+        alias_env: None,
+        doc: "schedule of the T+3/T+7 job (cron: minute hour day-of-month month day-of-week)",
+    },
+    Key {
+        name: "freshplan.followup.timezone",
+        default: "\"Europe/Berlin\"",
+        alias_env: None,
+        doc: "time zone of the schedule, the seasons and the sales day",
+    },
+    Key {
+        name: "freshplan.followup.batch-size",
+        default: "100",
+        alias_env: None,
+        doc: "leads claimed per transaction",
+    },
+    Key {
+        name: "freshplan.followup.public-url",
+        default: "\"http://127.0.0.1:8080\"",
+        alias_env: None,
+        doc: "public base URL of this service, for the unsubscribe link in mails",
+    },
+    Key {
+        name: "freshplan.followup.unsubscribe-valid-days",
+        default: "90",
+        alias_env: None,
+        doc: "how long an unsubscribe link works",
+    },
+    Key {
+        name: "freshplan.mail.transport",
+        default: "\"file\"",
+        alias_env: None,
+        doc: "file (one .eml per mail in freshplan.mail.file-dir) or smtp",
+    },
+    Key {
+        name: "freshplan.mail.file-dir",
+        default: "\"mail-out\"",
+        alias_env: None,
+        doc: "folder of the file transport",
+    },
+    Key {
+        name: "freshplan.mail.from",
+        default: "\"FreshFoodz Vertrieb <vertrieb@freshfoodz.example>\"",
+        alias_env: None,
+        doc: "sender of follow-up mails",
+    },
+    Key {
+        name: "freshplan.mail.smtp.host",
+        default: "\"127.0.0.1\"",
+        alias_env: None,
+        doc: "SMTP server",
+    },
+    Key {
+        name: "freshplan.mail.smtp.port",
+        default: "587",
+        alias_env: None,
+        doc: "SMTP port",
+    },
+    Key {
+        name: "freshplan.mail.smtp.starttls",
+        default: "\"required\"",
+        alias_env: None,
+        doc: "required, opportunistic or off",
+    },
+    Key {
+        name: "freshplan.mail.smtp.username",
+        default: "\"\"",
+        alias_env: None,
+        doc: "SMTP AUTH user (empty: no AUTH)",
+    },
+    Key {
+        name: "freshplan.mail.smtp.password",
+        default: "\"\"",
+        alias_env: None,
+        doc: "SMTP AUTH password",
+    },
+    Key {
+        name: "freshplan.mail.timeout-seconds",
+        default: "30",
+        alias_env: None,
+        doc: "one delivery attempt at most this long",
+    },
+    Key {
+        name: "freshplan.mail.max-attempts",
+        default: "5",
+        alias_env: None,
+        doc: "delivery attempts before a follow-up is marked failed",
+    },
+    Key {
+        name: "freshplan.mail.backoff-ms",
+        default: "30000",
+        alias_env: None,
+        doc: "wait before the first retry; doubled per attempt, at most one hour",
+    },
 ];
 
 /// Errors that name the offending key.
@@ -292,6 +406,73 @@ pub struct EventSettings {
     pub sse_keepalive_seconds: u64,
 }
 
+/// Follow-up job (`freshplan.followup.*`).
+#[derive(Debug, Clone)]
+pub struct FollowupSettings {
+    pub enabled: bool,
+    /// The schedule, as configured (5 fields).
+    pub cron: String,
+    pub timezone: chrono_tz::Tz,
+    pub batch_size: i64,
+    /// Base URL of the unsubscribe link, without a trailing slash.
+    pub public_url: String,
+    pub unsubscribe_valid_days: i64,
+}
+
+/// How mails leave (`freshplan.mail.*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MailTransport {
+    File(PathBuf),
+    Smtp(SmtpSettings),
+}
+
+/// STARTTLS policy of the SMTP transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartTls {
+    Required,
+    Opportunistic,
+    Off,
+}
+
+/// SMTP server. `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SmtpSettings {
+    pub host: String,
+    pub port: u16,
+    pub starttls: StartTls,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for SmtpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("starttls", &self.starttls)
+            .field("username", &self.username)
+            .field(
+                "password",
+                &if self.password.is_empty() {
+                    "unset"
+                } else {
+                    "set"
+                },
+            )
+            .finish()
+    }
+}
+
+/// Mail delivery.
+#[derive(Debug, Clone)]
+pub struct MailSettings {
+    pub transport: MailTransport,
+    pub from: String,
+    pub timeout_seconds: u64,
+    pub max_attempts: i32,
+    pub backoff_ms: u64,
+}
+
 /// Validated settings of one instance.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -311,6 +492,12 @@ pub struct Settings {
     /// `freshplan.stream.max-per-principal`
     pub stream_max_per_principal: usize,
     pub max_body_bytes: usize,
+    /// `freshplan.http.max-connections`
+    pub max_connections: usize,
+    /// `freshplan.http.header-timeout-seconds`
+    pub header_timeout_seconds: u64,
+    pub followup: FollowupSettings,
+    pub mail: MailSettings,
 }
 
 /// Environment variable that overrides a dotted key.
@@ -439,6 +626,70 @@ impl Settings {
             },
             stream_max_per_principal: get(f, "freshplan.stream.max-per-principal")?,
             max_body_bytes: get(f, "freshplan.http.max-body-bytes")?,
+            max_connections: get(f, "freshplan.http.max-connections")?,
+            header_timeout_seconds: get(f, "freshplan.http.header-timeout-seconds")?,
+            followup: FollowupSettings {
+                enabled: get(f, "freshplan.followup.enabled")?,
+                cron: get(f, "freshplan.followup.cron")?,
+                timezone: {
+                    let name: String = get(f, "freshplan.followup.timezone")?;
+                    name.parse().map_err(|_| {
+                        invalid(
+                            "freshplan.followup.timezone",
+                            format!(
+                                "unknown time zone `{name}` (an IANA name such as Europe/Berlin)"
+                            ),
+                        )
+                    })?
+                },
+                batch_size: get(f, "freshplan.followup.batch-size")?,
+                public_url: get::<String>(f, "freshplan.followup.public-url")?
+                    .trim_end_matches('/')
+                    .to_string(),
+                unsubscribe_valid_days: get(f, "freshplan.followup.unsubscribe-valid-days")?,
+            },
+            mail: MailSettings {
+                transport: {
+                    let kind: String = get(f, "freshplan.mail.transport")?;
+                    match kind.as_str() {
+                        "file" => MailTransport::File(PathBuf::from(get::<String>(
+                            f,
+                            "freshplan.mail.file-dir",
+                        )?)),
+                        "smtp" => {
+                            MailTransport::Smtp(SmtpSettings {
+                                host: get(f, "freshplan.mail.smtp.host")?,
+                                port: get(f, "freshplan.mail.smtp.port")?,
+                                starttls: match get::<String>(f, "freshplan.mail.smtp.starttls")?
+                                    .as_str()
+                                {
+                                    "required" => StartTls::Required,
+                                    "opportunistic" => StartTls::Opportunistic,
+                                    "off" => StartTls::Off,
+                                    other => return Err(invalid(
+                                        "freshplan.mail.smtp.starttls",
+                                        format!(
+                                            "`{other}`: expected required, opportunistic or off"
+                                        ),
+                                    )),
+                                },
+                                username: get(f, "freshplan.mail.smtp.username")?,
+                                password: get(f, "freshplan.mail.smtp.password")?,
+                            })
+                        }
+                        other => {
+                            return Err(invalid(
+                                "freshplan.mail.transport",
+                                format!("`{other}`: expected file or smtp"),
+                            ))
+                        }
+                    }
+                },
+                from: get(f, "freshplan.mail.from")?,
+                timeout_seconds: get(f, "freshplan.mail.timeout-seconds")?,
+                max_attempts: get(f, "freshplan.mail.max-attempts")?,
+                backoff_ms: get(f, "freshplan.mail.backoff-ms")?,
+            },
         };
         settings.validate()?;
         Ok(settings)
@@ -519,6 +770,78 @@ impl Settings {
                 "freshplan.http.max-body-bytes",
                 "must be at least 1024",
             ));
+        }
+        if !(1..=65_536).contains(&self.max_connections) {
+            return Err(invalid(
+                "freshplan.http.max-connections",
+                "must be between 1 and 65536",
+            ));
+        }
+        if !(1..=600).contains(&self.header_timeout_seconds) {
+            return Err(invalid(
+                "freshplan.http.header-timeout-seconds",
+                "must be between 1 and 600",
+            ));
+        }
+        if let Err(e) =
+            crate::schedule::Schedule::parse(&self.followup.cron, self.followup.timezone)
+        {
+            return Err(invalid("freshplan.followup.cron", e));
+        }
+        if !(1..=10_000).contains(&self.followup.batch_size) {
+            return Err(invalid(
+                "freshplan.followup.batch-size",
+                "must be between 1 and 10000",
+            ));
+        }
+        if !(self.followup.public_url.starts_with("http://")
+            || self.followup.public_url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "freshplan.followup.public-url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if !(1..=3650).contains(&self.followup.unsubscribe_valid_days) {
+            return Err(invalid(
+                "freshplan.followup.unsubscribe-valid-days",
+                "must be between 1 and 3650",
+            ));
+        }
+        if self.mail.from.parse::<lettre::message::Mailbox>().is_err() {
+            return Err(invalid(
+                "freshplan.mail.from",
+                "must be a mailbox such as `FreshFoodz Vertrieb <vertrieb@example.com>`",
+            ));
+        }
+        if !(1..=20).contains(&self.mail.max_attempts) {
+            return Err(invalid(
+                "freshplan.mail.max-attempts",
+                "must be between 1 and 20",
+            ));
+        }
+        if !(1..=3_600_000).contains(&self.mail.backoff_ms) {
+            return Err(invalid(
+                "freshplan.mail.backoff-ms",
+                "must be between 1 and 3600000",
+            ));
+        }
+        if !(1..=600).contains(&self.mail.timeout_seconds) {
+            return Err(invalid(
+                "freshplan.mail.timeout-seconds",
+                "must be between 1 and 600",
+            ));
+        }
+        if let MailTransport::Smtp(smtp) = &self.mail.transport {
+            if smtp.host.is_empty() {
+                return Err(invalid("freshplan.mail.smtp.host", "must not be empty"));
+            }
+            if smtp.username.is_empty() != smtp.password.is_empty() {
+                return Err(invalid(
+                    "freshplan.mail.smtp.password",
+                    "freshplan.mail.smtp.username and password are set together or not at all",
+                ));
+            }
         }
         for (key, url) in [
             ("freshplan.database.url", &self.database_url),

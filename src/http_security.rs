@@ -7,8 +7,10 @@
 //! - Cross-site writes: a write authenticated by the session cookie (no `Authorization` header)
 //!   must come from this site — `Sec-Fetch-Site: same-origin`, or an `Origin` whose host is the
 //!   request's `Host`. A bearer token is not sent by browsers on their own, so it needs no check.
-//! - A request that has not been answered within [`REQUEST_TIMEOUT`] (slow body upload, stuck
+//! - A request that has not been answered within its time limit (slow body upload, stuck
 //!   handler) ends with 408 `request-timeout`; the SSE stream is exempt (it is meant to last).
+//!   The limit is `Limits::request_timeout` of the connection loop (`http_server`), handed to the
+//!   middleware as a request extension; [`REQUEST_TIMEOUT`] without one.
 
 use std::time::Duration;
 
@@ -20,8 +22,13 @@ use axum::response::{IntoResponse, Response};
 use crate::auth::SESSION_COOKIE;
 use crate::error::ApiError;
 
-/// Longest time a request may take (the SSE stream excepted).
+/// Longest time a request may take (the SSE stream excepted), unless the connection loop sets
+/// another limit.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The request time limit, put into each request's extensions by the connection loop.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestTimeLimit(pub Duration);
 
 /// The page and API: scripts and styles from this origin only; uPlot sets styles through the
 /// DOM, its legend markers are inline styles, so `style-src` allows them.
@@ -92,12 +99,17 @@ pub async fn protect(req: Request, next: Next) -> Response {
     response
 }
 
-/// Middleware: ends a request that takes longer than [`REQUEST_TIMEOUT`] with 408.
+/// Middleware: ends a request that takes longer than its [`RequestTimeLimit`] (default
+/// [`REQUEST_TIMEOUT`]) with 408.
 pub async fn time_limit(req: Request, next: Next) -> Response {
     if req.uri().path() == "/api/cockpit/stream" {
         return next.run(req).await;
     }
-    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+    let limit = req
+        .extensions()
+        .get::<RequestTimeLimit>()
+        .map_or(REQUEST_TIMEOUT, |l| l.0);
+    match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
         Err(_) => ApiError::RequestTimeout.into_response(),
     }

@@ -1,7 +1,7 @@
 //! The HTTP/1.1 and HTTP/2 connection loop, with the limits a service on the open network needs
 //! and `axum::serve` does not offer: a global connection cap, a header-read timeout that also
-//! closes idle keep-alive connections, `TCP_NODELAY` on every accepted socket, and graceful
-//! shutdown.
+//! closes idle keep-alive connections, `TCP_NODELAY` on every accepted socket, the request time
+//! limit of [`Limits`] (enforced by `http_security::time_limit`), and graceful shutdown.
 //!
 //! Why `TCP_NODELAY`: SSE frames are small writes; with Nagle's algorithm and the client's
 //! delayed ACK they sat in the kernel for tens of milliseconds (measured p95 36–45 ms end to end
@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use axum::{Extension, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -23,7 +23,9 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Semaphore};
 
-/// Connection limits of one instance.
+use crate::http_security::{RequestTimeLimit, REQUEST_TIMEOUT};
+
+/// Connection and request limits of one instance.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Open connections at most; a connection beyond it is closed at once (the client retries or
@@ -31,6 +33,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Time a connection may take to send a request head, and may stay idle between requests.
     pub header_read_timeout: Duration,
+    /// Time a request may take from its head to its answer (body upload and handler; the SSE
+    /// stream is exempt); beyond it the answer is 408 `request-timeout`.
+    pub request_timeout: Duration,
     /// How long shutdown waits for open requests and streams.
     pub shutdown_grace: Duration,
 }
@@ -40,6 +45,7 @@ impl Default for Limits {
         Limits {
             max_connections: 1024,
             header_read_timeout: Duration::from_secs(10),
+            request_timeout: REQUEST_TIMEOUT,
             shutdown_grace: Duration::from_secs(5),
         }
     }
@@ -53,6 +59,8 @@ pub async fn serve(
     limits: Limits,
     mut shutdown: oneshot::Receiver<()>,
 ) {
+    // The router's time-limit middleware reads the limit from each request's extensions.
+    let app = app.layer(Extension(RequestTimeLimit(limits.request_timeout)));
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     loop {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
-use freshplan::app::{AppState, Server};
+use freshplan::app::{AppState, FollowupParts, Server};
 use freshplan::auth::jwt::{self, Authenticator};
 use freshplan::auth::users::{self, UserChange, UserRow};
 use freshplan::auth::{Principal, Role};
@@ -83,6 +83,11 @@ enum Command {
         #[command(subcommand)]
         command: UsersCommand,
     },
+    /// The T+3/T+7 follow-up job.
+    Followups {
+        #[command(subcommand)]
+        command: FollowupsCommand,
+    },
     /// PII key management.
     Keys {
         #[command(subcommand)]
@@ -134,6 +139,29 @@ enum UsersCommand {
     List {
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum FollowupsCommand {
+    /// Run the job once (as the system principal), deliver the queued mails and print what
+    /// happened.
+    Run {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Use the demo's development keys (the data folder of `serve --demo`).
+        #[arg(long)]
+        demo: bool,
+        /// Only the leads of this territory (DE, AT or CH).
+        #[arg(long)]
+        territory: Option<String>,
+        /// Run as if it were this time (RFC 3339), e.g. to show T+3/T+7 in the demo.
+        #[arg(long)]
+        at: Option<String>,
+        /// How long to keep delivering (retries with backoff) before leaving the rest to the
+        /// running service's dispatcher.
+        #[arg(long, default_value_t = 120)]
+        deliver_seconds: u64,
     },
 }
 
@@ -278,8 +306,67 @@ async fn serve(
     Ok(())
 }
 
+async fn followups_run(
+    config: Option<&Path>,
+    demo_keys: bool,
+    territory: Option<String>,
+    at: Option<String>,
+    deliver_seconds: u64,
+) -> anyhow::Result<()> {
+    let settings = Settings::load(config)?;
+    if !settings.followup.enabled {
+        bail!("follow-ups are switched off (freshplan.followup.enabled = false)");
+    }
+    let territory = territory
+        .map(|t| t.parse().map_err(anyhow::Error::msg))
+        .transpose()?;
+    let at = at
+        .map(|t| {
+            chrono::DateTime::parse_from_rfc3339(&t)
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .with_context(|| format!("--at {t}: expected an RFC 3339 time"))
+        })
+        .transpose()?;
+    let vault = std::sync::Arc::new(vault(&settings, demo_keys)?);
+    let pool = db::connect(&settings.database_url, 4, "freshplan-followups").await?;
+    db::check_runtime_role(&pool).await?;
+    let metrics = std::sync::Arc::new(telemetry::metrics::Metrics::new());
+    let publisher = freshplan::events::Publisher::new(metrics.clone());
+    let parts = FollowupParts::new(&settings, &pool, &vault, &metrics, &publisher)?;
+    if let Some(at) = at {
+        parts.clock.set(at);
+    }
+    let report = parts.job.run(&Principal::system(), territory).await?;
+    println!(
+        "queued {} T+3 and {} T+7 follow-up mails at {} ({} failed at once)",
+        report.t3_queued,
+        report.t7_queued,
+        report.processed_at.to_rfc3339(),
+        report.failed
+    );
+    let delivered = parts
+        .mail
+        .drain(std::time::Duration::from_secs(deliver_seconds))
+        .await?;
+    println!(
+        "delivered {}, failed after the last attempt {}, still retrying {}",
+        delivered.sent, delivered.failed, delivered.retrying
+    );
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Followups {
+            command:
+                FollowupsCommand::Run {
+                    config,
+                    demo,
+                    territory,
+                    at,
+                    deliver_seconds,
+                },
+        } => followups_run(config.as_deref(), demo, territory, at, deliver_seconds).await,
         Command::Serve {
             config,
             bind,

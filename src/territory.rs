@@ -14,6 +14,9 @@ pub enum Territory {
 }
 
 impl Territory {
+    /// Every territory.
+    pub const ALL: [Territory; 3] = [Territory::DE, Territory::AT, Territory::CH];
+
     /// The ISO code used in the database and on the wire.
     pub fn code(self) -> &'static str {
         match self {

@@ -497,6 +497,44 @@ async fn the_page_and_its_assets_are_served_from_the_binary_with_their_content_t
     assert_eq!(me["territory"], "DE");
 }
 
+/// Browsers fetch `/favicon.ico` on their own for every page without an icon link (the
+/// development login page): it answers the page's icon, without credentials, never a 404.
+#[tokio::test]
+async fn the_favicon_browsers_request_on_their_own_is_an_icon_not_a_404() {
+    let app = TestApp::spawn_with(&[("FRESHPLAN_AUTH_DEV_LOGIN_ENABLED", "true")]).await;
+    let login = app
+        .client
+        .get(format!("{}/login", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        login.status(),
+        200,
+        "the login page whose icon is requested"
+    );
+    let r = app
+        .client
+        .get(format!("{}/favicon.ico", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/x-icon");
+    let ico = r.bytes().await.unwrap();
+    // ICONDIR: reserved 0, type 1 (icon), at least one image; each entry's image is a PNG.
+    assert_eq!(&ico[..4], &[0, 0, 1, 0], "an ICO header");
+    let images = u16::from_le_bytes([ico[4], ico[5]]) as usize;
+    assert!(images >= 1);
+    for i in 0..images {
+        let entry = &ico[6 + 16 * i..6 + 16 * (i + 1)];
+        let size = u32::from_le_bytes(entry[8..12].try_into().unwrap()) as usize;
+        let offset = u32::from_le_bytes(entry[12..16].try_into().unwrap()) as usize;
+        assert!(offset + size <= ico.len(), "image {i} lies inside the file");
+        assert_eq!(&ico[offset..offset + 8], b"\x89PNG\r\n\x1a\n", "image {i}");
+    }
+}
+
 #[tokio::test]
 async fn pending_follow_ups_count_leads_due_by_the_design_rule() {
     let app = TestApp::spawn().await;

@@ -233,8 +233,14 @@ async fn without_identity_the_application_role_sees_nothing_and_writes_nothing_i
     assert_eq!(r.status(), 201);
     app.count(&format!(
         "WITH f AS (INSERT INTO followups (id, lead_id, followup_type, status, territory, owner_user_id, queued_at, sent_at) \
-         VALUES (gen_random_uuid(), '{id}', 'T3', 'SENT', 'DE', 'sales-de-1', now(), now()) RETURNING 1) \
-         SELECT count(*) FROM f"
+         VALUES (gen_random_uuid(), '{id}', 'T3', 'SENT', 'DE', 'sales-de-1', now(), now()) RETURNING id), \
+         m AS (INSERT INTO mail_outbox (id, followup_id, lead_id, followup_type, territory, template, status, \
+                                        next_attempt_at, key_id, message, created_at, sent_at) \
+               SELECT gen_random_uuid(), f.id, '{id}', 'T3', 'DE', 'T3/RESTAURANT/WINTER', 'SENT', now(), 'k1', '\\x00', now(), now() \
+               FROM f RETURNING 1), \
+         u AS (INSERT INTO unsubscribe_redemptions (token_id, lead_id, redeemed_at) \
+               VALUES (gen_random_uuid(), '{id}', now()) RETURNING 1) \
+         SELECT (SELECT count(*) FROM m) + (SELECT count(*) FROM u)"
     ))
     .await;
     // Every RLS table holds a row before the check: the event path fills inbox, cursor and

@@ -300,3 +300,17 @@ asset!(
     "text/javascript; charset=utf-8"
 );
 asset!(uplot_css, "vendor/uPlot.min.css", "text/css; charset=utf-8");
+
+/// `/favicon.ico`, which browsers fetch on their own for every page without a `<link rel=icon>`
+/// (the development login page): the page's icon (web/index.html carries it inline as SVG) as a
+/// PNG-in-ICO of 16 and 32 pixels, so the request is not a 404 in the browser's console.
+pub async fn favicon() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "image/x-icon"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        &include_bytes!("../../web/favicon.ico")[..],
+    )
+        .into_response()
+}

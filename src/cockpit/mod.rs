@@ -22,5 +22,6 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: CockpitState) -> Router<S
         .route("/assets/app.css", get(http::app_css))
         .route("/assets/vendor/uPlot.min.js", get(http::uplot_js))
         .route("/assets/vendor/uPlot.min.css", get(http::uplot_css))
+        .route("/favicon.ico", get(http::favicon))
         .with_state(state)
 }

@@ -29,6 +29,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../migrations/0003_defence.sql"),
     ),
     (4, "users", include_str!("../../migrations/0004_users.sql")),
+    (5, "mail", include_str!("../../migrations/0005_mail.sql")),
 ];
 
 /// Role and database names taken from the runtime URL.

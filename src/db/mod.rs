@@ -104,6 +104,8 @@ pub const RLS_TABLES: &[&str] = &[
     "followups",
     "cockpit_lead_counts",
     "cockpit_activity_daily",
+    "mail_outbox",
+    "unsubscribe_redemptions",
     "cockpit_followup_daily",
 ];
 

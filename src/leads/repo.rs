@@ -42,7 +42,8 @@ pub struct LeadRow {
 }
 
 /// The select list matching [`LeadRow`].
-const LEAD_COLUMNS: &str = "id, company_name, contact_person_ct, email_ct, phone_ct, pii_key_id, \
+pub const LEAD_COLUMNS: &str =
+    "id, company_name, contact_person_ct, email_ct, phone_ct, pii_key_id, \
     city, territory, business_type, source, owner_user_id, collaborators, status, email_consent, \
     contact_blocked, clock_stopped, registered_at, last_activity_at, t3_sent_at, t7_sent_at, \
     version, created_at, updated_at";
@@ -54,6 +55,7 @@ impl LeadRow {
             PiiField::ContactPerson => &self.contact_person_ct,
             PiiField::Email => &self.email_ct,
             PiiField::Phone => &self.phone_ct,
+            PiiField::Mail => return Ok(None),
         };
         match (blob, &self.pii_key_id) {
             (Some(b), Some(k)) => vault.open(self.id, field, k, b).map(Some),
@@ -250,6 +252,23 @@ pub async fn users_of_territory(
         .bind(territory)
         .fetch_all(&mut **tx)
         .await
+}
+
+/// True when `id` may own a lead of `territory`: an active sales user or manager there (the
+/// database's `lead_owner_eligible` of migration 0003, plus `active`).
+pub async fn eligible_owner(
+    tx: &mut Tx,
+    id: &str,
+    territory: Territory,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1 AND territory = $2 \
+         AND role IN ('sales', 'manager') AND active)",
+    )
+    .bind(id)
+    .bind(territory)
+    .fetch_one(&mut **tx)
+    .await
 }
 
 /// An activity to insert.

@@ -178,6 +178,18 @@ async fn validate_users(tx: &mut Tx, ids: &[String], territory: Territory) -> Ap
     Ok(())
 }
 
+/// A lead's new owner is an active sales user or manager of the lead's territory. Checked here,
+/// before the update, so the answer names the field and the user; the database refuses the same
+/// assignment (migration 0003) as a net behind it, but does not know `active`.
+async fn validate_owner(tx: &mut Tx, owner: &str, territory: Territory) -> ApiResult<()> {
+    if repo::eligible_owner(tx, owner, territory).await? {
+        return Ok(());
+    }
+    Err(ApiError::field(format!(
+        "ownerUserId must be an active sales user or manager of territory {territory}: `{owner}` is not"
+    )))
+}
+
 fn audience(territory: Territory, owner: &str, collaborators: &[String]) -> Audience {
     Audience {
         territory,
@@ -363,15 +375,27 @@ pub async fn patch_in(
         .as_ref()
         .filter(|o| **o != row.owner_user_id)
     {
-        validate_users(tx, std::slice::from_ref(new_owner), territory).await?;
+        validate_owner(tx, new_owner, territory).await?;
         owner = new_owner.clone();
         changed.push("ownerUserId");
     }
     let mut collaborators = row.collaborators.clone();
-    if let Some(mut c) = body.collaborators.clone() {
+    let mut new_collaborators = body.collaborators.clone();
+    if owner != row.owner_user_id {
+        let mut c = new_collaborators.unwrap_or_else(|| row.collaborators.clone());
+        // PostgreSQL checks the row an UPDATE writes against the SELECT policy, and a
+        // salesperson sees only leads they own or collaborate on: a sales owner who hands a
+        // lead over stays one of its collaborators (the database refuses the change otherwise).
+        if caller.role == Role::Sales {
+            c.push(row.owner_user_id.clone());
+        }
+        new_collaborators = Some(c);
+    }
+    if let Some(mut c) = new_collaborators {
         c.sort();
         c.dedup();
         c.retain(|u| *u != owner);
+        collaborator_ids(&c)?;
         validate_users(tx, &c, territory).await?;
         if c != collaborators {
             collaborators = c;
@@ -458,7 +482,9 @@ pub async fn patch_in(
     // The old owner stays in the audience of the assignment so they learn the lead left them.
     let mut event_collaborators = collaborators.clone();
     if owner != row.owner_user_id {
-        event_collaborators.push(row.owner_user_id.clone());
+        if !event_collaborators.contains(&row.owner_user_id) {
+            event_collaborators.push(row.owner_user_id.clone());
+        }
         let description = format!("{} → {}", row.owner_user_id, owner);
         repo::insert_activity(
             tx,

@@ -31,6 +31,8 @@ pub enum PiiField {
     ContactPerson,
     Email,
     Phone,
+    /// A rendered follow-up mail with its recipient (the mail outbox).
+    Mail,
 }
 
 impl PiiField {
@@ -39,6 +41,7 @@ impl PiiField {
             PiiField::ContactPerson => b"contact_person",
             PiiField::Email => b"email",
             PiiField::Phone => b"phone",
+            PiiField::Mail => b"mail",
         }
     }
 }
@@ -232,6 +235,16 @@ impl Vault {
             .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: &aad })
             .map_err(|_| PiiError::Tampered { lead })?;
         String::from_utf8(plain).map_err(|_| PiiError::Tampered { lead })
+    }
+
+    /// A 32-byte key for `purpose` derived from the lookup key (HMAC domain `derive:`, apart from
+    /// every field tag), so a signing key needs no configuration of its own and changes with it.
+    pub fn derived_key(&self, purpose: &str) -> [u8; 32] {
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.lookup).expect("HMAC takes any key length");
+        mac.update(b"derive:");
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().into()
     }
 
     /// Keyed hash of an already normalised value (see [`normalize_email`], [`normalize_phone`]).

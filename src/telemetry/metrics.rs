@@ -43,7 +43,21 @@ pub struct Metrics {
     pub widget_query: HistogramVec,
     pub listener_connected: Gauge,
     pub notify_queue_usage: Gauge,
+    /// `leads_followup_sent_total{type,territory,result}`: final outcome of each follow-up mail.
+    pub followup_sent: IntCounterVec,
+    /// `freshplan_followup_automated_total{type}`: follow-ups the job queued (`t3`, `t7`).
+    pub followup_automated: IntCounterVec,
+    /// `freshplan_followup_batch_duration_ms{type}`: one run's claiming of one type.
+    pub followup_batch_duration: HistogramVec,
+    /// `freshplan_followup_queue_size{type}`: mails `pending` (queued, waiting or backing off)
+    /// and `processing` (being delivered).
+    pub followup_queue: IntGaugeVec,
 }
+
+/// Follow-up batch duration buckets (milliseconds).
+pub const FOLLOWUP_BATCH_BUCKETS_MS: &[f64] = &[
+    5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+];
 
 impl Metrics {
     /// Creates and registers every collector.
@@ -143,9 +157,58 @@ impl Metrics {
             .buckets(WIDGET_BUCKETS_MS.to_vec()),
             &["scope", "cache"]
         ));
-        // Exported from the start, so dashboards and alerts see 0 rather than no series.
+        let followup_sent = reg!(IntCounterVec::new(
+            Opts::new(
+                "leads_followup_sent_total",
+                "Follow-up mails by final outcome: success once delivered, failure after the last retry"
+            ),
+            &["type", "territory", "result"]
+        ));
+        let followup_automated = reg!(IntCounterVec::new(
+            Opts::new(
+                "freshplan_followup_automated_total",
+                "Follow-ups queued by the T+3/T+7 job"
+            ),
+            &["type"]
+        ));
+        let followup_batch_duration = reg!(HistogramVec::new(
+            HistogramOpts::new(
+                "freshplan_followup_batch_duration_ms",
+                "Time one job run took to claim and queue the follow-ups of one type"
+            )
+            .buckets(FOLLOWUP_BATCH_BUCKETS_MS.to_vec()),
+            &["type"]
+        ));
+        let followup_queue = reg!(IntGaugeVec::new(
+            Opts::new(
+                "freshplan_followup_queue_size",
+                "Follow-up mails in the mail outbox: pending (queued or backing off) and processing"
+            ),
+            &["type"]
+        ));
+        // Exported from the start, so dashboards and alerts see 0 rather than no series (and a
+        // rate() over the first increase is not lost).
         active_widgets.with_label_values(&["sse"]).set(0);
+        for kind in ["t3", "t7"] {
+            followup_automated.with_label_values(&[kind]).inc_by(0);
+        }
+        for kind in ["pending", "processing"] {
+            followup_queue.with_label_values(&[kind]).set(0);
+        }
+        for kind in ["T3", "T7"] {
+            for territory in crate::territory::Territory::ALL {
+                for result in ["success", "failure"] {
+                    followup_sent
+                        .with_label_values(&[kind, territory.code(), result])
+                        .inc_by(0);
+                }
+            }
+        }
         Metrics {
+            followup_sent,
+            followup_automated,
+            followup_batch_duration,
+            followup_queue,
             registry,
             widget_query,
             listener_connected,
