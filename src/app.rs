@@ -134,6 +134,12 @@ impl AppState {
                     .with_label_values(&[event_type.as_str(), events::MODULE, result])
                     .inc_by(0);
             }
+            for result in ["success", "duplicate", "denied", "failure"] {
+                metrics
+                    .events_consumed
+                    .with_label_values(&[event_type.as_str(), events::MODULE, result])
+                    .inc_by(0);
+            }
         }
         let FollowupParts {
             clock,

@@ -943,3 +943,120 @@ async fn the_command_line_run_queues_and_delivers_and_its_log_holds_no_contact_d
     }
     assert_eq!(eml_files(dir.path()).len(), 1);
 }
+
+#[test]
+fn every_template_for_every_business_type_renders_filled_german_mails_saved_as_eml_and_html() {
+    use freshplan::followups::mailer;
+    use freshplan::followups::templates::{self, Kind, MailInput};
+    use freshplan::leads::domain::BusinessType;
+    use freshplan::territory::Territory;
+
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-output/followups");
+    std::fs::create_dir_all(&out).unwrap();
+    let business_types = [
+        BusinessType::Restaurant,
+        BusinessType::Hotel,
+        BusinessType::Catering,
+        BusinessType::Kantine,
+        BusinessType::Grosshandel,
+        BusinessType::Leh,
+        BusinessType::Bildung,
+        BusinessType::Gesundheit,
+        BusinessType::Sonstiges,
+    ];
+    let territories = [Territory::DE, Territory::AT, Territory::CH];
+    let mut written = 0;
+    for (i, bt) in business_types.into_iter().enumerate() {
+        for kind in [Kind::T3, Kind::T7] {
+            let territory = territories[i % 3];
+            // Winter for odd, spring for even business types: both seasonal suggestions appear.
+            let date = if i % 2 == 0 {
+                chrono::NaiveDate::from_ymd_opt(2026, 4, 15).unwrap()
+            } else {
+                chrono::NaiveDate::from_ymd_opt(2026, 12, 3).unwrap()
+            };
+            let url = "https://leads.freshfoodz.example/unsubscribe?token=AQ.sample";
+            let company = "Müller & Söhne <Gastro> GmbH";
+            let r = templates::render(&MailInput {
+                kind,
+                business_type: bt,
+                territory,
+                company_name: company,
+                contact_person: Some("Jürgen Groß"),
+                sender_name: "Jonas Weber",
+                date,
+                unsubscribe_url: url,
+            });
+            for body in [&r.text, &r.html] {
+                assert!(
+                    !body.contains('{') && !body.contains('}'),
+                    "{}: unfilled placeholder",
+                    r.template
+                );
+                assert!(body.contains("FreshFoodz"), "{}: footer", r.template);
+                assert!(
+                    body.contains("abmelden"),
+                    "{}: unsubscribe line",
+                    r.template
+                );
+            }
+            assert!(
+                r.html.contains("Müller &amp; Söhne &lt;Gastro&gt; GmbH"),
+                "{}: escaped",
+                r.template
+            );
+            assert!(!r.html.contains("<Gastro>"));
+            assert!(
+                r.text.contains(company),
+                "{}: text keeps the name",
+                r.template
+            );
+            assert!(
+                r.html.contains(&format!("href=\"{}\"", url)),
+                "{}: link",
+                r.template
+            );
+            match kind {
+                Kind::T3 => assert!(r.text.contains("Probierbox"), "{}", r.template),
+                Kind::T7 => {
+                    let (pct, min) = templates::bulk_terms(bt);
+                    assert!(
+                        r.text.contains(&format!("{pct} %")),
+                        "{}: {pct} %",
+                        r.template
+                    );
+                    let min = if min >= 1000 {
+                        format!("{}.{:03} €", min / 1000, min % 1000)
+                    } else {
+                        format!("{min} €")
+                    };
+                    assert!(r.text.contains(&min), "{}: {min}", r.template);
+                }
+            }
+            let mail = mailer::compose(
+                "FreshFoodz Vertrieb <vertrieb@freshfoodz.example>",
+                "kunde@example.com",
+                uuid::Uuid::now_v7(),
+                &r,
+                url,
+                Utc::now(),
+            )
+            .unwrap();
+            let eml = String::from_utf8(mail.raw).unwrap();
+            // The mail carries CRLF line ends (RFC 5322); otherwise the parts are the rendering.
+            let lf = |s: &str| s.replace("\r\n", "\n").trim_end().to_string();
+            let (text, html) = parts(&eml);
+            assert_eq!(
+                (lf(&text), lf(&html)),
+                (lf(&r.text), lf(&r.html)),
+                "{}: MIME round trip",
+                r.template
+            );
+            let name = format!("{}-{}", kind.as_str(), bt.as_str());
+            std::fs::write(out.join(format!("{name}.eml")), &eml).unwrap();
+            std::fs::write(out.join(format!("{name}.html")), &r.html).unwrap();
+            written += 1;
+        }
+    }
+    assert_eq!(written, 18);
+}
