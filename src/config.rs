@@ -656,27 +656,27 @@ impl Settings {
                             f,
                             "freshplan.mail.file-dir",
                         )?)),
-                        "smtp" => {
-                            MailTransport::Smtp(SmtpSettings {
-                                host: get(f, "freshplan.mail.smtp.host")?,
-                                port: get(f, "freshplan.mail.smtp.port")?,
-                                starttls: match get::<String>(f, "freshplan.mail.smtp.starttls")?
-                                    .as_str()
-                                {
-                                    "required" => StartTls::Required,
-                                    "opportunistic" => StartTls::Opportunistic,
-                                    "off" => StartTls::Off,
-                                    other => return Err(invalid(
+                        "smtp" => MailTransport::Smtp(SmtpSettings {
+                            host: get(f, "freshplan.mail.smtp.host")?,
+                            port: get(f, "freshplan.mail.smtp.port")?,
+                            starttls: match get::<String>(f, "freshplan.mail.smtp.starttls")?
+                                .as_str()
+                            {
+                                "required" => StartTls::Required,
+                                "opportunistic" => StartTls::Opportunistic,
+                                "off" => StartTls::Off,
+                                other => {
+                                    return Err(invalid(
                                         "freshplan.mail.smtp.starttls",
                                         format!(
                                             "`{other}`: expected required, opportunistic or off"
                                         ),
-                                    )),
-                                },
-                                username: get(f, "freshplan.mail.smtp.username")?,
-                                password: get(f, "freshplan.mail.smtp.password")?,
-                            })
-                        }
+                                    ))
+                                }
+                            },
+                            username: get(f, "freshplan.mail.smtp.username")?,
+                            password: get(f, "freshplan.mail.smtp.password")?,
+                        }),
                         other => {
                             return Err(invalid(
                                 "freshplan.mail.transport",

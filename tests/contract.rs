@@ -181,7 +181,10 @@ async fn every_operation_documents_its_error_statuses_as_problem_json() {
                     || (path == "/unsubscribe" && matches!(code, 400 | 410))
                 {
                     if path == "/unsubscribe" && code >= 400 {
-                        assert!(response["content"]["text/html"].is_object(), "{method} {path} {status}");
+                        assert!(
+                            response["content"]["text/html"].is_object(),
+                            "{method} {path} {status}"
+                        );
                     }
                     continue;
                 }
