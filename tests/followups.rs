@@ -1060,3 +1060,62 @@ fn every_template_for_every_business_type_renders_filled_german_mails_saved_as_e
     }
     assert_eq!(written, 18);
 }
+
+#[tokio::test]
+async fn the_schedule_runs_the_job_by_itself_and_two_instances_on_one_database_mail_each_lead_once()
+{
+    let dir = tempfile::tempdir().unwrap();
+    // Every second (six fields: with seconds), on both instances.
+    let app = app_with_mail_dir(dir.path(), &[("FRESHPLAN_FOLLOWUP_CRON", "* * * * * *")]).await;
+    let second = app.second_instance().await;
+    for i in 0..5 {
+        active_lead(
+            &app,
+            "sales-de-2",
+            &format!("Hotel {i}"),
+            "HOTEL",
+            &format!("h{i}@hotel.example"),
+        )
+        .await;
+    }
+    let at = Utc::now() + chrono::Duration::days(3) + chrono::Duration::hours(1);
+    app.state().clock.set(at);
+    second.state().clock.set(at);
+    wait_until(
+        PATIENCE,
+        "five mails delivered by the scheduled runs",
+        || async {
+            eml_files(dir.path()).len() >= 5
+                && app
+                    .count("SELECT count(*) FROM mail_outbox WHERE status <> 'SENT'")
+                    .await
+                    == 0
+        },
+    )
+    .await;
+    // A few more firings on both instances change nothing.
+    let runs = app
+        .count("SELECT count(*) FROM audit_log WHERE action = 'FOLLOWUP_RUN'")
+        .await;
+    wait_until(PATIENCE, "three more scheduled runs", || async {
+        app.count("SELECT count(*) FROM audit_log WHERE action = 'FOLLOWUP_RUN'")
+            .await
+            >= runs + 3
+    })
+    .await;
+    assert_eq!(eml_files(dir.path()).len(), 5, "each lead mailed once");
+    assert_eq!(
+        app.count("SELECT count(*) FROM followups WHERE status = 'SENT'")
+            .await,
+        5
+    );
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM audit_log WHERE action = 'FOLLOWUP_RUN' \
+             AND details->>'triggeredBy' IS DISTINCT FROM 'system'"
+        )
+        .await,
+        0,
+        "the scheduled runs are triggered by the system principal"
+    );
+}
