@@ -1119,3 +1119,73 @@ async fn the_schedule_runs_the_job_by_itself_and_two_instances_on_one_database_m
         "the scheduled runs are triggered by the system principal"
     );
 }
+
+#[tokio::test]
+async fn delivered_follow_ups_move_the_widget_pending_completed_and_response_rate_of_their_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app_with_mail_dir(dir.path(), &[]).await;
+    let a = active_lead(
+        &app,
+        "sales-de-1",
+        "Antwortet GmbH",
+        "RESTAURANT",
+        "a@antwortet.example",
+    )
+    .await;
+    active_lead(
+        &app,
+        "sales-de-1",
+        "Schweigt GmbH",
+        "RESTAURANT",
+        "s@schweigt.example",
+    )
+    .await;
+    // Registered 3 days and an hour ago, so the job runs on today's clock.
+    let mut c = app.db.superuser().await;
+    sqlx::query("UPDATE leads SET registered_at = now() - interval '3 days 1 hour'")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let widget = |pos: Option<i64>| {
+        let app = &app;
+        async move {
+            let q = pos.map(|p| format!("?minPosition={p}")).unwrap_or_default();
+            app.get_json("sales-de-1", &format!("/api/cockpit/lead-widget{q}"))
+                .await
+        }
+    };
+    let before = widget(None).await;
+    assert_eq!(before["pendingT3Count"], 2, "{before}");
+    assert_eq!(before["completedT3Today"], 0);
+
+    run_and_deliver(&app).await;
+    let r = app
+        .client
+        .post(format!(
+            "{}/api/leads/{}/activities",
+            app.url,
+            a["id"].as_str().unwrap()
+        ))
+        .header("Authorization", app.bearer("sales-de-1"))
+        .json(&json!({"type": "EMAIL_RECEIVED"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let pos: i64 = r.headers()["freshplan-position"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let after = widget(Some(pos)).await;
+    assert_eq!(after["pendingT3Count"], 0, "{after}");
+    assert_eq!(after["completedT3Today"], 2);
+    assert_eq!(after["t3ResponseRate"], 0.5, "one of the two answered");
+    let recent = after["recentFollowUps"].as_array().unwrap();
+    assert_eq!(recent.len(), 2);
+    assert!(recent
+        .iter()
+        .all(|f| f["success"] == true && f["followUpType"] == "T3"));
+    let today = after["daily"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(today["t3Sent"], 2, "{today}");
+}
