@@ -30,6 +30,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (4, "users", include_str!("../../migrations/0004_users.sql")),
     (5, "mail", include_str!("../../migrations/0005_mail.sql")),
+    (
+        6,
+        "lead list",
+        include_str!("../../migrations/0006_lead_list.sql"),
+    ),
 ];
 
 /// Role and database names taken from the runtime URL.

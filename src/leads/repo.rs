@@ -364,36 +364,42 @@ pub struct ListFilter<'a> {
     pub email_hash: Option<&'a [u8]>,
 }
 
-const LIST_FILTER: &str = "WHERE ($1::text IS NULL AND status <> 'DELETED' OR status = $1) \
-    AND ($2::text IS NULL OR owner_user_id = $2) \
-    AND ($3::text IS NULL OR company_name ILIKE $3 OR city ILIKE $3) \
-    AND ($4::bytea IS NULL OR email_hash = $4)";
-
 /// One page of the leads the caller sees, most recently changed first, and the total.
+///
+/// `lead_list_page()` (migration 0006) picks the page's ids with index-friendly predicates
+/// per role (row-level security would keep the planner from using an index for the search
+/// and the collaborator test); the rows are then read by id under the caller's row-level
+/// security, so that function can never widen what the caller sees.
 pub async fn list(
     tx: &mut Tx,
     f: &ListFilter<'_>,
     limit: i64,
     offset: i64,
 ) -> Result<(Vec<LeadRow>, i64), sqlx::Error> {
-    let rows = sqlx::query_as(&format!(
-        "SELECT {LEAD_COLUMNS} FROM leads {LIST_FILTER} ORDER BY updated_at DESC, id LIMIT $5 OFFSET $6"
+    let page: Vec<(Option<Uuid>, i64)> =
+        sqlx::query_as("SELECT id, total FROM lead_list_page($1, $2, $3, $4, $5, $6)")
+            .bind(f.status)
+            .bind(f.owner)
+            .bind(f.pattern)
+            .bind(f.email_hash)
+            .bind(i32::try_from(limit).unwrap_or(i32::MAX))
+            .bind(offset)
+            .fetch_all(&mut **tx)
+            .await?;
+    let total = page.first().map_or(0, |r| r.1);
+    let ids: Vec<Uuid> = page.iter().filter_map(|r| r.0).collect();
+    if ids.is_empty() {
+        return Ok((Vec::new(), total));
+    }
+    let mut rows: Vec<LeadRow> = sqlx::query_as(&format!(
+        "SELECT {LEAD_COLUMNS} FROM leads WHERE id = ANY($1)"
     ))
-    .bind(f.status)
-    .bind(f.owner)
-    .bind(f.pattern)
-    .bind(f.email_hash)
-    .bind(limit)
-    .bind(offset)
+    .bind(&ids)
     .fetch_all(&mut **tx)
     .await?;
-    let total = sqlx::query_scalar(&format!("SELECT count(*) FROM leads {LIST_FILTER}"))
-        .bind(f.status)
-        .bind(f.owner)
-        .bind(f.pattern)
-        .bind(f.email_hash)
-        .fetch_one(&mut **tx)
-        .await?;
+    let order: std::collections::HashMap<Uuid, usize> =
+        ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    rows.sort_by_key(|r| order.get(&r.id).copied().unwrap_or(usize::MAX));
     Ok((rows, total))
 }
 
