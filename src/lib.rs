@@ -16,6 +16,7 @@ pub mod http_security;
 pub mod http_server;
 pub mod identity;
 pub mod leads;
+pub mod loadtest;
 pub mod pii;
 pub mod schedule;
 pub mod telemetry;

@@ -1,4 +1,4 @@
-//! `freshplan`: the command line (serve, migrate, seed, token, users, keys).
+//! `freshplan`: the command line (serve, migrate, seed, token, users, keys, loadtest).
 
 use std::path::{Path, PathBuf};
 
@@ -93,6 +93,9 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Drive running instances with open-loop load and report latency, losses and cost
+    /// (issue 12; see README "Performance").
+    Loadtest(Box<freshplan::loadtest::Args>),
 }
 
 #[derive(Subcommand)]
@@ -433,6 +436,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Users { command } => run_users(command).await,
+        Command::Loadtest(args) => {
+            freshplan::loadtest::run_command(*args, &demo_secret_file()).await
+        }
         Command::Keys {
             command: KeysCommand::Generate { id },
         } => {
