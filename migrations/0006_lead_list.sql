@@ -9,8 +9,9 @@
 --    trigram indexes for the search over company name and city.
 -- 3. lead_list_page(): the list's ids and total, chosen by the schema owner with the caller's
 --    visibility written as plain, index-friendly predicates per role (sales: own UNION
---    collaborating), and the total from the lead-count roll-up where that is exact (no search,
---    not a salesperson, whose collaborations the roll-up does not hold). The handler then reads
+--    collaborating), and the total from the lead-count roll-up where that is exact (no search;
+--    for a salesperson the roll-up gives their own leads and only the collaborations are
+--    counted). The handler then reads
 --    the rows by id *under the caller's row-level security*, so a mistake here could only drop a
 --    row from a page, never show one the caller may not see.
 
@@ -69,6 +70,12 @@ BEGIN
     IF p_pattern IS NULL AND p_email_hash IS NULL AND v_role <> 'sales' THEN
         EXECUTE 'SELECT coalesce(sum(n), 0)::bigint FROM cockpit_lead_counts WHERE ' || v_where
             INTO v_total USING p_status, p_owner, NULL::text, NULL::bytea, v_territory;
+    ELSIF p_pattern IS NULL AND p_email_hash IS NULL THEN
+        -- A salesperson: own leads from the roll-up, plus the few they collaborate on.
+        EXECUTE 'SELECT (SELECT coalesce(sum(n), 0) FROM cockpit_lead_counts WHERE '
+            || v_where || ' AND owner_user_id = $6)::bigint + (SELECT count(*) FROM leads WHERE '
+            || v_where || ' AND collaborators @> ARRAY[$6] AND owner_user_id <> $6)'
+            INTO v_total USING p_status, p_owner, NULL::text, NULL::bytea, v_territory, v_user;
     END IF;
     IF p_email_hash IS NOT NULL THEN
         v_where := v_where || ' AND email_hash = $4';

@@ -495,6 +495,7 @@ pub fn router(state: AppState) -> Router {
     };
     if state.settings.dev_login {
         api = api.merge(auth::dev_login::router(auth::dev_login::DevLoginState {
+            secure_cookie: state.settings.secure_cookies(),
             pool: state.pool.clone(),
             auth: state.auth.clone(),
         }));

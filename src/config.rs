@@ -122,6 +122,12 @@ const KEYS: &[Key] = &[
         doc: "development login page and session cookie (--demo only; refused otherwise)",
     },
     Key {
+        name: "freshplan.auth.cookie-secure",
+        default: "\"auto\"",
+        alias_env: None,
+        doc: "Secure flag of the session cookie: auto (on outside --demo), true or false",
+    },
+    Key {
         name: "freshplan.pii.key-file",
         default: "\"\"",
         alias_env: None,
@@ -487,6 +493,10 @@ pub struct Settings {
     /// open-stream check.
     pub users_refresh_seconds: u64,
     pub dev_login: bool,
+    /// `freshplan.auth.cookie-secure`: `None` is `auto` (on unless [`Settings::demo`]).
+    pub cookie_secure: Option<bool>,
+    /// Not a configuration key: `serve --demo` sets it.
+    pub demo: bool,
     pub pii: PiiSettings,
     pub events: EventSettings,
     /// `freshplan.stream.max-per-principal`
@@ -611,6 +621,18 @@ impl Settings {
             },
             users_refresh_seconds: get(f, "freshplan.auth.users.refresh-seconds")?,
             dev_login: get(f, "freshplan.auth.dev-login.enabled")?,
+            cookie_secure: match get::<String>(f, "freshplan.auth.cookie-secure")?.as_str() {
+                "auto" => None,
+                "true" => Some(true),
+                "false" => Some(false),
+                other => {
+                    return Err(invalid(
+                        "freshplan.auth.cookie-secure",
+                        format!("`{other}`: expected auto, true or false"),
+                    ))
+                }
+            },
+            demo: false,
             pii: PiiSettings {
                 key_file: path(f, "freshplan.pii.key-file")?,
                 keys: get(f, "freshplan.pii.keys")?,
@@ -873,6 +895,12 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// Whether the session cookie carries `Secure`: as configured, else on outside `--demo`
+    /// (which serves plain HTTP on loopback).
+    pub fn secure_cookies(&self) -> bool {
+        self.cookie_secure.unwrap_or(!self.demo)
     }
 
     /// The documented keys with their defaults and meaning (README, `--help`).

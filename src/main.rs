@@ -263,6 +263,7 @@ async fn serve(
             refuse_non_loopback(bind)?;
         }
         settings.dev_login = true;
+        settings.demo = true;
         let jwt = &mut settings.jwt;
         if jwt.secret.is_empty() && jwt.public_key_file.is_none() && jwt.jwks_file.is_none() {
             jwt::ensure_demo_secret(&demo_secret_file())?;

@@ -220,3 +220,36 @@ async fn the_development_login_is_off_by_default() {
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+async fn login_cookie(app: &TestApp) -> String {
+    let r = app
+        .client
+        .post(format!("{}/api/dev/login", app.url))
+        .json(&json!({"userId": "sales-de-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    r.headers()["set-cookie"].to_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn the_session_cookie_is_secure_unless_configured_off_as_the_demo_does() {
+    let default = TestApp::spawn_with(&[("FRESHPLAN_AUTH_DEV_LOGIN_ENABLED", "true")]).await;
+    let cookie = login_cookie(&default).await;
+    assert!(cookie.ends_with("; Secure"), "{cookie}");
+    let off = TestApp::spawn_with(&[
+        ("FRESHPLAN_AUTH_DEV_LOGIN_ENABLED", "true"),
+        ("FRESHPLAN_AUTH_COOKIE_SECURE", "false"),
+    ])
+    .await;
+    let cookie = login_cookie(&off).await;
+    assert!(!cookie.contains("Secure"), "{cookie}");
+    // `auto` is off only for `serve --demo`, which serves plain HTTP on loopback.
+    let mut demo = default.db.settings(&[]);
+    assert!(demo.secure_cookies());
+    demo.demo = true;
+    assert!(!demo.secure_cookies());
+    demo.cookie_secure = Some(true);
+    assert!(demo.secure_cookies());
+}

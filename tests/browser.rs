@@ -315,8 +315,8 @@ impl Browser {
         path
     }
 
-    /// The browser console's SEVERE entries (JavaScript errors, failed requests), but for the
-    /// automatic `/favicon.ico` request of the development login page (which has no icon).
+    /// The browser console's SEVERE entries (JavaScript errors, failed requests — including the
+    /// browser's own `/favicon.ico` request, which the service answers with an icon).
     async fn console_errors(&self) -> Vec<String> {
         let v = self.post("/se/log", json!({"type": "browser"})).await;
         v.as_array()
@@ -324,7 +324,6 @@ impl Browser {
             .flatten()
             .filter(|e| e["level"] == "SEVERE")
             .map(|e| e["message"].as_str().unwrap_or_default().to_string())
-            .filter(|m| !m.contains("/favicon.ico "))
             .collect()
     }
 

@@ -36,6 +36,9 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: DevLoginState) -> Router<
 pub struct DevLoginState {
     pub pool: PgPool,
     pub auth: Arc<Authenticator>,
+    /// Mark the session cookie `Secure` (`freshplan.auth.cookie-secure`).
+    #[from_ref(skip)]
+    pub secure_cookie: bool,
 }
 
 async fn users(state: &DevLoginState) -> ApiResult<Vec<(String, String, String, String)>> {
@@ -116,8 +119,10 @@ async fn login(
     };
     let seconds = SESSION_SECONDS.min(state.auth.max_lifetime_seconds());
     let token = state.auth.mint(&principal, seconds)?;
-    let cookie =
-        format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={seconds}");
+    let secure = if state.secure_cookie { "; Secure" } else { "" };
+    let cookie = format!(
+        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Lax; Path=/; Max-Age={seconds}{secure}"
+    );
     Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response())
 }
 
