@@ -189,10 +189,10 @@ async fn run(db: &str) -> anyhow::Result<String> {
     writeln!(out, "# Lead list at 100,000 leads\n")?;
     writeln!(
         out,
-        "`cargo bench --bench leads` (benches/leads.rs) — {} on this machine ({} cores), \
-         {pg}, measured {}.\n",
-        "in-process `LeadService::list` as the application role (row-level security applies), \
-         page size 50 (the data set's stand-in contact data is cleared, so no decryption)",
+        "`cargo bench --bench leads` (benches/leads.rs) — in-process `LeadService::list` as the \
+         application role (row-level security applies), page size 50 (the data set's stand-in \
+         contact data is cleared, so no decryption) on this machine ({} cores), {pg}, measured \
+         {}.\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
     )?;
