@@ -546,7 +546,9 @@ mod tests {
         use LeadStatus::*;
         let mut seen = std::collections::HashSet::new();
         let mut status = Registered;
-        for pick in 0..200 {
+        let mut rng = StdRng::seed_from_u64(1);
+        for _ in 0..200 {
+            let pick = rng.gen::<usize>();
             let next = next_status(status, pick).expect("the loop goes on");
             assert!(status.transition(next, Role::Sales, false).is_ok());
             seen.insert(next);

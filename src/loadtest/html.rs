@@ -368,6 +368,29 @@ fn summary_cells(s: &Summary) -> String {
     )
 }
 
+fn cpu_cell(c: &super::report::Cpu) -> String {
+    format!(
+        "{} ({} + {} + {})",
+        f(c.machine_ms_per_event),
+        f(c.service_ms_per_event),
+        f(c.postgres_ms_per_event),
+        f(c.tool_ms_per_event)
+    )
+}
+
+fn db_cell(d: Option<&super::dbstats::PerEvent>) -> String {
+    match d {
+        Some(d) => format!(
+            "{:.2} · {:.2} · {:.1} · {:.1}",
+            d.commits,
+            d.wal_syncs,
+            d.wal_bytes / 1024.0,
+            d.rows_inserted + d.rows_updated + d.rows_deleted
+        ),
+        None => "–".into(),
+    }
+}
+
 fn series(secs: &[Second], name: &str, dashed: bool, v: impl Fn(&Second) -> Option<f64>) -> Series {
     Series {
         name: name.into(),
@@ -561,7 +584,7 @@ pub fn render(r: &Report) -> String {
     }));
     h.push_str("<h2>Throughput</h2>");
     h.push_str(&line_chart(&Chart {
-        title: "Per second: commands sent and answered, events processed by the service, frames delivered to subscribers, floor writes",
+        title: "Per second: commands sent and answered, events processed, frames delivered, floor writes",
         y_label: "per second",
         log_y: false,
         x: XAxis::Seconds,
@@ -626,31 +649,33 @@ pub fn render(r: &Report) -> String {
     }));
 
     h.push_str("<h2>Phases</h2><table><tr><th>#</th><th>kind</th><th>rate</th><th>s</th><th>sent</th><th>ok / committed</th><th>lost</th><th>dup</th>\
-        <th>API p50/p95/p99</th><th>end to end p50/p95/p99</th><th>e2e p95 ÷ floor</th><th>pub→notify p95</th><th>notify→proc p95</th><th>widget hit/miss p95</th><th>CPU ms/event (machine)</th></tr>");
+        <th>API p50/p95/p99</th><th>end to end p50/p95/p99</th><th>e2e p95 ÷ floor</th><th>pub→notify p95</th><th>notify→proc p95</th><th>widget hit/miss p95</th><th>CPU ms per event: machine (service + PostgreSQL + tool)</th><th>PostgreSQL per event: commits · WAL flushes · WAL KiB · rows written</th></tr>");
     for p in &r.phases {
         let dur = p.end_s - p.start_s;
         if let Some(sp) = &p.service {
             let api = sp.api.get("all").cloned().unwrap_or_default();
             let _ = write!(
                 h,
-                "<tr><td>{}</td><td>service</td><td>{:.0}</td><td>{:.0}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} / {} / {}</td><td>{} / {} / {}</td><td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>service</td><td>{:.0}</td><td>{:.0}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} / {} / {}</td><td>{} / {} / {}</td><td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td><td>{}</td><td>{}</td></tr>",
                 p.index, p.rate, dur, sp.sent, sp.ok, sp.lost, sp.duplicates,
                 f(api.p50_ms), f(api.p95_ms), f(api.p99_ms),
                 f(sp.end_to_end.p50_ms), f(sp.end_to_end.p95_ms), f(sp.end_to_end.p99_ms),
                 ratio(sp.vs_floor.as_ref().and_then(|v| v.end_to_end_p95)),
                 f(sp.service_publish_notify.p95_ms), f(sp.service_notify_process.p95_ms),
                 f(sp.widget_hit.p95_ms), f(sp.widget_miss.p95_ms),
-                f(sp.cpu.machine_ms_per_event)
+                cpu_cell(&sp.cpu),
+                db_cell(sp.database.as_ref())
             );
         }
         if let Some(fp) = &p.floor {
             let _ = write!(
                 h,
-                "<tr><td>{}</td><td>floor</td><td>{:.0}</td><td>{:.0}</td><td>{}</td><td>{}</td><td></td><td></td><td>{} / {} / {} (commit)</td><td>{} / {} / {}</td><td></td><td></td><td></td><td></td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>floor</td><td>{:.0}</td><td>{:.0}</td><td>{}</td><td>{}</td><td></td><td></td><td>{} / {} / {} (commit)</td><td>{} / {} / {}</td><td></td><td></td><td></td><td></td><td>{}</td><td>{}</td></tr>",
                 p.index, p.rate, dur, fp.sent, fp.committed,
                 f(fp.commit.p50_ms), f(fp.commit.p95_ms), f(fp.commit.p99_ms),
                 f(fp.end_to_end.p50_ms), f(fp.end_to_end.p95_ms), f(fp.end_to_end.p99_ms),
-                f(fp.cpu.machine_ms_per_event)
+                cpu_cell(&fp.cpu),
+                db_cell(fp.database.as_ref())
             );
         }
     }

@@ -116,6 +116,8 @@ pub struct ServicePhase {
     pub widget_hit: Summary,
     pub widget_miss: Summary,
     pub cpu: Cpu,
+    /// What PostgreSQL did per event (this database's commits and rows, the cluster's WAL).
+    pub database: Option<super::dbstats::PerEvent>,
     pub service_rss_peak_mib: f64,
     /// Ratios to the floor phases right before and after this one.
     pub vs_floor: Option<Ratios>,
@@ -136,6 +138,8 @@ pub struct FloorPhase {
     /// COMMIT answered → notification received.
     pub commit_to_notify: Summary,
     pub cpu: Cpu,
+    /// What PostgreSQL did per floor write (the scratch database's commits and rows, WAL).
+    pub database: Option<super::dbstats::PerEvent>,
 }
 
 /// CPU time per event (ms) over a phase, by who spent it, and the machine's load.
