@@ -12,6 +12,7 @@ pub mod demo;
 pub mod error;
 pub mod events;
 pub mod followups;
+pub mod html;
 pub mod http_security;
 pub mod http_server;
 pub mod identity;

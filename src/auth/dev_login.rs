@@ -52,21 +52,7 @@ async fn users(state: &DevLoginState) -> ApiResult<Vec<(String, String, String, 
     Ok(rows)
 }
 
-/// Escapes text for HTML element content and double-quoted attribute values.
-pub fn escape_html(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use crate::html::escape_html;
 
 async fn page(State(state): State<DevLoginState>) -> ApiResult<Html<String>> {
     let mut items = String::new();
