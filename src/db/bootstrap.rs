@@ -189,8 +189,12 @@ async fn apply(conn: &mut PgConnection, app: &str, db: &str) -> anyhow::Result<(
     //   NOTHING): no UPDATE, no DELETE;
     // - sequences are read (the doorbell rings with `last_value`), never advanced: identity
     //   columns need no privilege on their sequence, nextval/setval by hand would.
+    // (client_min_messages: pg_trgm's functions belong to the extension, not the owner, so the
+    // blanket EXECUTE grant warns about each of them; nothing of the extension is needed by the
+    // application role.)
     let grants = format!(
-        "REVOKE CONNECT, TEMPORARY ON DATABASE {db} FROM PUBLIC;
+        "SET client_min_messages = error;
+         REVOKE CONNECT, TEMPORARY ON DATABASE {db} FROM PUBLIC;
          REVOKE TEMPORARY ON DATABASE {db} FROM {app};
          GRANT CONNECT ON DATABASE {db} TO {app};
          GRANT USAGE ON SCHEMA public TO {app};
@@ -200,7 +204,8 @@ async fn apply(conn: &mut PgConnection, app: &str, db: &str) -> anyhow::Result<(
          REVOKE USAGE, UPDATE ON ALL SEQUENCES IN SCHEMA public FROM {app};
          GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {app};
          GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {app};
-         REVOKE CREATE ON SCHEMA public FROM PUBLIC;"
+         REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+         RESET client_min_messages;"
     );
     conn.execute(grants.as_str())
         .await
