@@ -98,7 +98,7 @@ pub async fn stream(
         Some(v) => Some(
             v.to_str()
                 .ok()
-                .and_then(|s| s.trim().parse::<i64>().ok())
+                .and_then(parse_last_event_id)
                 .ok_or_else(|| {
                     ApiError::field("Last-Event-ID must be an outbox position (an integer)")
                 })?,
@@ -184,4 +184,9 @@ pub async fn stream(
         .interval(state.keepalive)
         .text("keep-alive");
     Ok(Sse::new(events).keep_alive(keepalive).into_response())
+}
+
+/// The position a `Last-Event-ID` header names: an integer, surrounding blanks allowed.
+pub fn parse_last_event_id(value: &str) -> Option<i64> {
+    value.trim().parse::<i64>().ok()
 }
