@@ -238,10 +238,28 @@ async fn failure(r: Response) -> Failure {
     Failure { status, problem }
 }
 
+/// A request without an answer, described without its URL (which carries a lead id, so
+/// failures group by cause): what kind of error and its innermost cause.
 fn transport(e: reqwest::Error) -> Failure {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else if e.is_body() || e.is_decode() {
+        "body"
+    } else {
+        "request"
+    };
+    let mut cause: &dyn std::error::Error = &e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
     Failure {
         status: 0,
-        problem: e.to_string().chars().take(160).collect(),
+        problem: format!(
+            "{kind}: {}",
+            cause.to_string().chars().take(120).collect::<String>()
+        ),
     }
 }
 
