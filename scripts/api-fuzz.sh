@@ -36,6 +36,9 @@
 # - not_a_server_error: 503 `not-yet-consistent` from GET /api/cockpit/lead-widget with a
 #   `minPosition` no write has reached is not counted: CONTRACT.md defines it ("bounded wait, then
 #   503 `not-yet-consistent`"). Every other 5xx, including other 503s, fails the run.
+# - positive_data_acceptance: GET/POST /unsubscribe answered 400 with the "link is invalid" HTML
+#   page is not counted: the token is an HMAC-signed value (docs/followups.md) that no generator
+#   can produce, so every generated token must be refused; tests/followups.rs covers valid links.
 # The event stream (GET /api/cockpit/stream) never ends by itself: each answer is read for 2 s and
 # the events received are checked against the document.
 #
@@ -135,6 +138,12 @@ def _excused(failure, case, response):
         return operation == "PATCH /api/leads/{id}"
     if failure.code == "ST101" and response.status_code == 503 and slug == "not-yet-consistent":
         return operation == "GET /api/cockpit/lead-widget"
+    if failure.code == "ST202" and response.status_code == 400 and operation in ("GET /unsubscribe", "POST /unsubscribe"):
+        # The "link is invalid" page: no generator can produce an HMAC-signed token.
+        content_type = response.headers.get("content-type") or ""
+        if isinstance(content_type, list):
+            content_type = content_type[0] if content_type else ""
+        return content_type.startswith("text/html")
     return False
 
 
