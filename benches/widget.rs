@@ -273,7 +273,11 @@ async fn cpu_now(pool: &PgPool) -> anyhow::Result<Option<(f64, f64)>> {
 async fn measure_in_process(pool: &PgPool) -> anyhow::Result<Vec<ViewResult>> {
     let metrics = Arc::new(Metrics::new());
     // A TTL far beyond the run, so no hit turns into a TTL miss.
-    let cache = Arc::new(WidgetCache::new(Duration::from_secs(3600), metrics.clone()));
+    let cache = Arc::new(WidgetCache::new(
+        Duration::from_secs(3600),
+        Duration::ZERO,
+        metrics.clone(),
+    ));
     let widget = Widget {
         pool: pool.clone(),
         cache: cache.clone(),

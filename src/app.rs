@@ -107,7 +107,11 @@ impl AppState {
             settings.events.dedupe_cache_size,
             metrics.clone(),
         ));
-        let widget_cache = Arc::new(WidgetCache::new(WIDGET_CACHE_TTL, metrics.clone()));
+        let widget_cache = Arc::new(WidgetCache::new(
+            WIDGET_CACHE_TTL,
+            Duration::from_millis(settings.widget_max_staleness_ms),
+            metrics.clone(),
+        ));
         let widget = Arc::new(Widget {
             pool: pool.clone(),
             cache: widget_cache.clone(),

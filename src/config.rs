@@ -182,6 +182,12 @@ const KEYS: &[Key] = &[
         doc: "SSE keep-alive comment interval",
     },
     Key {
+        name: "freshplan.cockpit.widget-max-staleness-ms",
+        default: "1000",
+        alias_env: None,
+        doc: "an answer of the widget without minPosition may miss events of at most this many ms (0: recomputed after every event)",
+    },
+    Key {
         name: "freshplan.stream.max-per-principal",
         default: "5",
         alias_env: None,
@@ -499,6 +505,8 @@ pub struct Settings {
     pub demo: bool,
     pub pii: PiiSettings,
     pub events: EventSettings,
+    /// `freshplan.cockpit.widget-max-staleness-ms`
+    pub widget_max_staleness_ms: u64,
     /// `freshplan.stream.max-per-principal`
     pub stream_max_per_principal: usize,
     pub max_body_bytes: usize,
@@ -646,6 +654,7 @@ impl Settings {
                 sse_queue_size: get(f, "freshplan.events.sse-queue-size")?,
                 sse_keepalive_seconds: get(f, "freshplan.events.sse-keepalive-seconds")?,
             },
+            widget_max_staleness_ms: get(f, "freshplan.cockpit.widget-max-staleness-ms")?,
             stream_max_per_principal: get(f, "freshplan.stream.max-per-principal")?,
             max_body_bytes: get(f, "freshplan.http.max-body-bytes")?,
             max_connections: get(f, "freshplan.http.max-connections")?,
@@ -779,6 +788,12 @@ impl Settings {
             return Err(invalid(
                 "freshplan.auth.users.refresh-seconds",
                 "must be between 1 and 300",
+            ));
+        }
+        if self.widget_max_staleness_ms > 60_000 {
+            return Err(invalid(
+                "freshplan.cockpit.widget-max-staleness-ms",
+                "must be between 0 and 60000",
             ));
         }
         if !(1..=100).contains(&self.stream_max_per_principal) {

@@ -210,7 +210,7 @@ pub enum FollowUpType {
 /// The lead widget of the caller (CONTRACT.md "Lead widget").
 #[utoipa::path(get, path = "/api/cockpit/lead-widget", tag = "cockpit", params(WidgetParams),
     responses(
-        (status = 200, description = "the widget JSON of CONTRACT.md; `position` is the outbox position the numbers include", body = LeadWidgetDoc),
+        (status = 200, description = "the widget JSON of CONTRACT.md; `position` is the outbox position the numbers include. Without `minPosition` the answer may miss the events of the last `freshplan.cockpit.widget-max-staleness-ms` (default 1 s); with it, it includes that write", body = LeadWidgetDoc),
         (status = 401, description = "unauthenticated"),
         (status = 403, description = "forbidden: the scope is not open to the caller's role"),
         (status = 404, description = "feature-disabled (features.dashboard.lead-widget.enabled=false)"),

@@ -188,7 +188,9 @@ impl Widget {
                 .cache
                 .get_or_compute(
                     &key,
-                    |e| min_position.map_or(true, |p| e.position >= p),
+                    // With `minPosition` only a computation of our own or the check above
+                    // (which proves visibility) will do: a higher position alone proves nothing.
+                    |_| min_position.is_none(),
                     || async {
                         let (c, inc) = self
                             .compute(caller, scope, Utc::now(), min_position)
