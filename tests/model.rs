@@ -142,6 +142,11 @@ enum Op {
         status: Option<LeadStatus>,
         owner: Option<&'static str>,
     },
+    /// The lead widget's counts (`scope` own, territory, all or the role's default).
+    Widget {
+        by: &'static str,
+        scope: Option<&'static str>,
+    },
 }
 
 fn user() -> impl Strategy<Value = &'static str> {
@@ -247,6 +252,11 @@ fn op() -> impl Strategy<Value = Op> {
         prop::option::weighted(0.2, user()),
     )
         .prop_map(|(by, status, owner)| Op::List { by, status, owner });
+    let widget = (
+        user(),
+        prop::option::weighted(0.6, prop::sample::select(&["own", "territory", "all"][..])),
+    )
+        .prop_map(|(by, scope)| Op::Widget { by, scope });
     prop_oneof![
         5 => create,
         6 => status,
@@ -256,6 +266,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => activity,
         2 => get,
         2 => list,
+        1 => widget,
     ]
 }
 
@@ -568,6 +579,53 @@ impl Model {
         )
     }
 
+    /// The widget's `leadStats` for `by` and the scope asked for; None: 403. Scopes by role as
+    /// CONTRACT.md says (sales own; manager own or territory, default territory; viewer
+    /// territory; admin any, default all); counts by owner for `own`, by territory for
+    /// `territory`, DELETED in no count.
+    fn widget(&self, by: &str, scope: Option<&str>) -> Option<Value> {
+        let (r, home) = who(by).expect("demo user");
+        let (allowed, default): (&[&str], &str) = match r {
+            Role::Sales => (&["own"], "own"),
+            Role::Manager => (&["own", "territory"], "territory"),
+            Role::Viewer => (&["territory"], "territory"),
+            _ => (&["own", "territory", "all"], "all"),
+        };
+        let scope = scope.unwrap_or(default);
+        if !allowed.contains(&scope) {
+            return None;
+        }
+        let counted: Vec<&MLead> = self
+            .leads
+            .iter()
+            .filter(|l| match scope {
+                "own" => l.owner == by,
+                "territory" => l.territory == home,
+                _ => true,
+            })
+            .collect();
+        let n = |s: LeadStatus| counted.iter().filter(|l| l.status == s).count();
+        use LeadStatus::*;
+        Some(json!({
+            "total": counted.iter().filter(|l| l.status != Deleted).count(),
+            "registered": n(Registered), "active": n(Active), "reminder": n(Reminder),
+            "gracePeriod": n(GracePeriod), "qualified": n(Qualified), "converted": n(Converted),
+            "lost": n(Lost), "expired": n(Expired),
+        }))
+    }
+
+    /// The newest position a write answered whose event is in `user`'s audience.
+    fn newest_position_seen_by(&self, user: &str) -> Option<i64> {
+        self.positions
+            .iter()
+            .rev()
+            .find(|(_, i)| {
+                let e = &self.events[**i];
+                sees(user, e.territory, &e.owner, &e.collaborators)
+            })
+            .map(|(p, _)| *p)
+    }
+
     /// The events in `user`'s audience, in order.
     fn stream_of(&self, user: &str) -> Vec<&MEvent> {
         self.events
@@ -851,6 +909,9 @@ impl Case {
             Op::List { by, status, owner } => {
                 self.list(step, by, *status, *owner).await;
             }
+            Op::Widget { by, scope } => {
+                self.widget(step, by, *scope).await;
+            }
         }
     }
 
@@ -999,6 +1060,47 @@ impl Case {
     }
 }
 
+impl Case {
+    async fn widget(&mut self, step: usize, by: &str, scope: Option<&str>) {
+        let want = self.model.widget(by, scope);
+        let mut query = Vec::new();
+        if let Some(s) = scope {
+            query.push(("scope", s.to_string()));
+        }
+        // Read-your-writes as a client does it: the newest position in the caller's audience
+        // (a write's answer, or a frame of its stream). A position outside it never becomes
+        // consistent for the caller: the check reads the outbox under their row-level security.
+        if let Some(p) = self.model.newest_position_seen_by(by) {
+            query.push(("minPosition", p.to_string()));
+        }
+        let got = send(
+            self.app
+                .client
+                .get(format!("{}/api/cockpit/lead-widget", self.app.url))
+                .query(&query)
+                .header("Authorization", self.bearer(by)),
+        )
+        .await;
+        tally("widget", got.status);
+        let what = format!("widget {query:?}");
+        match want {
+            None if got.status != 403 => {
+                self.fail(step, by, &what, format!("expected 403, got {}", got.status));
+            }
+            None => {}
+            Some(_) if got.status != 200 => {
+                let msg = format!("expected 200, got {} ({})", got.status, got.body);
+                self.fail(step, by, &what, msg);
+            }
+            Some(stats) if got.body["leadStats"] != stats => {
+                let msg = format!("leadStats: expected {stats}, got {}", got.body["leadStats"]);
+                self.fail(step, by, &what, msg);
+            }
+            Some(_) => {}
+        }
+    }
+}
+
 /// Reads `stream` until the frame at `last` (inclusive); (position, type, frame) of each.
 async fn read_until(stream: &mut Sse, last: i64) -> Result<Vec<(i64, String, Value)>, String> {
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -1046,6 +1148,7 @@ async fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
     // The final state as every user reads it.
     let end = ops.len();
     for u in USERS {
+        case.widget(end, u, None).await;
         case.list(end, u, None, None).await;
         for i in 0..case.model.leads.len() {
             case.get(end, u, i).await;
