@@ -3,10 +3,11 @@
 //! run against the real service (real PostgreSQL as the application role, row-level security on)
 //! and are checked, step by step, against an in-memory model of the rules of DESIGN.md and
 //! CONTRACT.md: every answer's status code, every returned lead, every list (the exact set of ids
-//! and the total) and every `FreshPlan-Position` must be the model's. One SSE stream per demo user
-//! stays open through a case; at its end each stream must have carried exactly the events (lead id
-//! and type, in order) the model puts in that user's audience, and the viewer's frames no lead
-//! details.
+//! and the total), every lead widget's `leadStats` and every `FreshPlan-Position` must be the
+//! model's. One SSE stream per demo user stays open through a case; at its end each stream must
+//! have carried exactly the events (lead id and type, in order) the model puts in that user's
+//! audience — and so must a second stream per user that replays the outbox from `Last-Event-ID: 0`
+//! (row-level security on the outbox) —, the viewer's frames without lead details.
 //!
 //! The model is written from the documents, not from the code: its status table is DESIGN.md's,
 //! its visibility rule is "admin everything, manager their territory, sales what they own or
@@ -30,7 +31,11 @@
 //! - a deleted lead stays readable by id (200, status DELETED) but leaves the list and takes no
 //!   activity (404);
 //! - the lead-assigned event keeps the old owner in its audience ("so they learn the lead left
-//!   them"); no other event does.
+//!   them"); no other event does (a status change in the same PATCH did: fixed, see the
+//!   regression test at the end);
+//! - the widget's `minPosition` must name an event in the caller's audience: the check reads the
+//!   outbox under the caller's row-level security, so another audience's position answers 503
+//!   `not-yet-consistent` after the 2 s wait, however long ago it was written.
 //!
 //! Bounded for CI: `MODEL_CASES` cases (default 16) of 2/3 to all of `MODEL_STEPS` steps (default
 //! 40), shrinking capped by `MODEL_SHRINK_ITERS` (default 32) and 120 s, since each shrink step
@@ -141,6 +146,11 @@ enum Op {
         by: &'static str,
         status: Option<LeadStatus>,
         owner: Option<&'static str>,
+    },
+    /// A lead's activity log.
+    Activities {
+        by: &'static str,
+        lead: Index,
     },
     /// The lead widget's counts (`scope` own, territory, all or the role's default).
     Widget {
@@ -257,6 +267,7 @@ fn op() -> impl Strategy<Value = Op> {
         prop::option::weighted(0.6, prop::sample::select(&["own", "territory", "all"][..])),
     )
         .prop_map(|(by, scope)| Op::Widget { by, scope });
+    let activities = (user(), any::<Index>()).prop_map(|(by, lead)| Op::Activities { by, lead });
     prop_oneof![
         5 => create,
         6 => status,
@@ -267,6 +278,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => get,
         2 => list,
         1 => widget,
+        1 => activities,
     ]
 }
 
@@ -281,6 +293,8 @@ struct MLead {
     status: LeadStatus,
     clock_stopped: bool,
     version: i64,
+    /// Types of its activities, the system's included, in the order written.
+    activities: Vec<&'static str>,
 }
 
 /// An event the model expects in the outbox, with its audience.
@@ -400,6 +414,7 @@ impl Model {
             status: LeadStatus::Registered,
             clock_stopped: false,
             version: 1,
+            activities: vec!["CREATED"],
         };
         Prediction {
             status: 201,
@@ -498,6 +513,7 @@ impl Model {
         after.version += 1;
         let mut events = Vec::new();
         if after.owner != l.owner {
+            after.activities.push("LEAD_ASSIGNED");
             let mut c = after.collaborators.clone();
             if !c.contains(&l.owner) {
                 c.push(l.owner.clone());
@@ -511,6 +527,7 @@ impl Model {
             });
         }
         if after.status != l.status {
+            after.activities.push("STATUS_CHANGE");
             events.push(MEvent {
                 lead: l.id.clone(),
                 kind: "dashboard.lead_status_changed",
@@ -551,7 +568,10 @@ impl Model {
                 owner: l.owner.clone(),
                 collaborators: l.collaborators.clone(),
             }],
-            lead: Some(l.clone()),
+            lead: Some(MLead {
+                activities: [l.activities.clone(), vec![kind.as_str()]].concat(),
+                ..l.clone()
+            }),
         }
     }
 
@@ -912,6 +932,13 @@ impl Case {
             Op::Widget { by, scope } => {
                 self.widget(step, by, *scope).await;
             }
+            Op::Activities { by, lead } => {
+                if self.model.leads.is_empty() {
+                    return;
+                }
+                let i = lead.index(self.model.leads.len());
+                self.activities(step, by, i).await;
+            }
         }
     }
 
@@ -1061,6 +1088,59 @@ impl Case {
 }
 
 impl Case {
+    /// `GET /api/leads/{id}/activities`: 403 for viewers, 404 outside the caller's view (a
+    /// deleted lead's log stays readable), else every activity (compared as a multiset: those of
+    /// one PATCH share their time).
+    async fn activities(&mut self, step: usize, by: &str, i: usize) {
+        let l = self.model.leads[i].clone();
+        let want = if role(by) == Role::Viewer {
+            403
+        } else if sees_lead(by, &l) {
+            200
+        } else {
+            404
+        };
+        let got = send(
+            self.app
+                .client
+                .get(format!("{}/api/leads/{}/activities", self.app.url, l.id))
+                .header("Authorization", self.bearer(by)),
+        )
+        .await;
+        tally("activities", got.status);
+        let what = format!(
+            "GET activities of lead #{i} ({} owner {})",
+            l.territory, l.owner
+        );
+        if got.status != want {
+            let msg = format!("expected {want}, got {}", got.status);
+            self.fail(step, by, &what, msg);
+            return;
+        }
+        if want == 200 {
+            let mut got: Vec<String> = got
+                .body
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| x["type"].as_str().unwrap_or("?").to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut expected: Vec<String> = l.activities.iter().map(|s| s.to_string()).collect();
+            got.sort();
+            expected.sort();
+            if got != expected {
+                self.fail(
+                    step,
+                    by,
+                    &what,
+                    format!("expected {expected:?}, got {got:?}"),
+                );
+            }
+        }
+    }
+
     async fn widget(&mut self, step: usize, by: &str, scope: Option<&str>) {
         let want = self.model.widget(by, scope);
         let mut query = Vec::new();
@@ -1153,6 +1233,9 @@ async fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
         for i in 0..case.model.leads.len() {
             case.get(end, u, i).await;
         }
+    }
+    for i in 0..case.model.leads.len() {
+        case.activities(end, "admin", i).await;
     }
 
     // A last event for every audience: an admin's lead in each territory with all its users
