@@ -479,7 +479,8 @@ pub async fn patch_in(
     )
     .await?;
     let mut events = Vec::new();
-    // The old owner stays in the audience of the assignment so they learn the lead left them.
+    // The old owner stays in the audience of the assignment so they learn the lead left them
+    // (that event only).
     let mut event_collaborators = collaborators.clone();
     if owner != row.owner_user_id {
         if !event_collaborators.contains(&row.owner_user_id) {
@@ -535,7 +536,9 @@ pub async fn patch_in(
                 "leadId": id, "companyName": row.company_name, "oldStatus": old_status, "newStatus": status,
                 "userId": caller.user_id, "ownerUserId": owner, "territory": territory, "changedAt": envelope::ts(now),
             }),
-            audience(territory, &owner, &event_collaborators),
+            // The lead's audience after the change: a former owner learns of the hand-over
+            // (above), not of what happens to a lead they no longer see.
+            audience(territory, &owner, &collaborators),
         ));
     }
     let mut details = json!({"fields": changed, "version": expected + 1});
