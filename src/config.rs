@@ -155,13 +155,25 @@ const KEYS: &[Key] = &[
         name: "freshplan.events.outbox-retention-hours",
         default: "168",
         alias_env: None,
-        doc: "outbox rows older than this are pruned",
+        doc: "consumed outbox rows older than this are pruned (fractions allowed)",
     },
     Key {
         name: "freshplan.events.inbox-retention-hours",
         default: "336",
         alias_env: None,
-        doc: "inbox rows kept at least as long as the outbox",
+        doc: "inbox rows kept at least as long as the outbox, and never beyond the durable cursor",
+    },
+    Key {
+        name: "freshplan.events.retention-interval-seconds",
+        default: "3600",
+        alias_env: None,
+        doc: "how often the retention job runs (and once at start)",
+    },
+    Key {
+        name: "freshplan.events.max-unsettled-rows",
+        default: "100000",
+        alias_env: None,
+        doc: "rows the listener handled ahead of the durable cursor that it remembers; at the bound live delivery waits for the cursor",
     },
     Key {
         name: "freshplan.events.dedupe-cache-size",
@@ -405,8 +417,15 @@ impl std::fmt::Debug for PiiSettings {
 #[derive(Debug, Clone)]
 pub struct EventSettings {
     pub poll_interval_ms: u64,
-    pub outbox_retention_hours: i64,
-    pub inbox_retention_hours: i64,
+    /// Hours; fractions allowed (`0.5`), so tests and small installations can shorten it.
+    pub outbox_retention_hours: f64,
+    /// Hours, ≥ the outbox's; inbox rows of events beyond a consumer's durable cursor stay.
+    pub inbox_retention_hours: f64,
+    /// Interval of the retention job.
+    pub retention_interval_seconds: u64,
+    /// Bound of the listener's memory of rows handled ahead of the durable cursor (while a long
+    /// transaction holds the cursor back).
+    pub max_unsettled_rows: usize,
     pub dedupe_cache_size: usize,
     pub sse_queue_size: usize,
     pub sse_keepalive_seconds: u64,
@@ -642,6 +661,8 @@ impl Settings {
                 poll_interval_ms: get(f, "freshplan.events.poll-interval-ms")?,
                 outbox_retention_hours: get(f, "freshplan.events.outbox-retention-hours")?,
                 inbox_retention_hours: get(f, "freshplan.events.inbox-retention-hours")?,
+                retention_interval_seconds: get(f, "freshplan.events.retention-interval-seconds")?,
+                max_unsettled_rows: get(f, "freshplan.events.max-unsettled-rows")?,
                 dedupe_cache_size: get(f, "freshplan.events.dedupe-cache-size")?,
                 sse_queue_size: get(f, "freshplan.events.sse-queue-size")?,
                 sse_keepalive_seconds: get(f, "freshplan.events.sse-keepalive-seconds")?,
@@ -730,16 +751,37 @@ impl Settings {
                 "must be at least 10",
             ));
         }
-        if self.events.outbox_retention_hours < 1 {
+        // At least one second; fractions of an hour are allowed.
+        if !(self.events.outbox_retention_hours.is_finite()
+            && self.events.outbox_retention_hours >= 1.0 / 3600.0)
+        {
             return Err(invalid(
                 "freshplan.events.outbox-retention-hours",
-                "must be at least 1",
+                "must be a number of hours of at least 1 second (0.0003), e.g. 168 or 0.5",
+            ));
+        }
+        if !self.events.inbox_retention_hours.is_finite() {
+            return Err(invalid(
+                "freshplan.events.inbox-retention-hours",
+                "must be a number of hours",
             ));
         }
         if self.events.inbox_retention_hours < self.events.outbox_retention_hours {
             return Err(invalid(
                 "freshplan.events.inbox-retention-hours",
                 "must be at least freshplan.events.outbox-retention-hours (a re-read event must still find its inbox row)",
+            ));
+        }
+        if !(1..=86_400).contains(&self.events.retention_interval_seconds) {
+            return Err(invalid(
+                "freshplan.events.retention-interval-seconds",
+                "must be between 1 and 86400",
+            ));
+        }
+        if self.events.max_unsettled_rows < 100 {
+            return Err(invalid(
+                "freshplan.events.max-unsettled-rows",
+                "must be at least 100",
             ));
         }
         if self.events.sse_queue_size < 1 {
