@@ -21,6 +21,12 @@ use futures::StreamExt;
 use serde_json::Value;
 use sqlx::PgConnection;
 
+/// The stream's per-subscriber queue in these tests. A subscriber that falls behind gets a
+/// `resync` instead of the events it missed (tests/events_stream.rs checks that); on a shared
+/// 2-core machine a CPU-starved test client must not be mistaken for a loss, so the queue is
+/// large here and every test asserts that no `resync` happened.
+const SSE_QUEUE: (&str, &str) = ("FRESHPLAN_EVENTS_SSE_QUEUE_SIZE", "20000");
+
 // ---- A subscriber that reconnects with Last-Event-ID ----------------------------------------
 
 /// An admin's stream that reconnects with `Last-Event-ID` whenever it ends (the service or the
@@ -138,6 +144,8 @@ struct Ledger {
     lost: usize,
     /// Events the subscriber saw more than once.
     doubled: usize,
+    /// `resync` events the subscriber got (it fell behind): must be 0 here.
+    resyncs: usize,
 }
 
 impl Ledger {
@@ -147,6 +155,10 @@ impl Ledger {
         assert_eq!(self.projection_excess, 0, "{what}: {self:?}");
         assert_eq!(self.lost, 0, "{what}: {self:?}");
         assert_eq!(self.doubled, 0, "{what}: {self:?}");
+        assert_eq!(
+            self.resyncs, 0,
+            "{what}: the subscriber fell behind: {self:?}"
+        );
     }
 }
 
@@ -206,6 +218,7 @@ async fn settle_and_count(su: &mut PgConnection, sub: &Subscriber, within: Durat
             - outbox,
         lost: keys.iter().filter(|k| !seen.contains_key(*k)).count(),
         doubled: seen.values().filter(|n| **n > 1).count(),
+        resyncs: sub.resyncs.load(Ordering::SeqCst),
     }
 }
 
@@ -304,6 +317,18 @@ async fn finish(
     a
 }
 
+/// The distinct problem types of the 503 answers, by their slug.
+fn slugs_503(answers: &[Answer]) -> Vec<String> {
+    let mut s: Vec<String> = answers
+        .iter()
+        .filter(|a| a.status == 503)
+        .map(|a| a.type_.rsplit('/').next().unwrap_or("").to_string())
+        .collect();
+    s.sort();
+    s.dedup();
+    s
+}
+
 /// Every answer a success or a 503 problem with Retry-After, none slower than `bound`.
 fn assert_only_503_problems(answers: &[Answer], bound: Duration, what: &str) {
     for a in answers {
@@ -343,7 +368,7 @@ async fn refused_database_connections_answer_503_problems_while_the_listener_kee
         &uuid::Uuid::new_v4().simple().to_string()[..10]
     );
     let db = OwnDb::create(&admin_url(), &role).await;
-    let server = db.start(&[]).await;
+    let server = db.start(&[SSE_QUEUE]).await;
     let base = Arc::new(Mutex::new(server.url()));
     let client = reqwest::Client::new();
     let ready = format!("{}/q/health/ready", server.url());
@@ -449,7 +474,7 @@ async fn refused_database_connections_answer_503_problems_while_the_listener_kee
     println!(
         "FAULT refused-connections: requests={} ok={} 503={} terminated_pool_connections={terminated} \
          refused_for={refused_for:?} events={} lost={} doubled={} applied_twice={} recovery={recovery:?} \
-         max_answer={:?} resyncs={} stream_connects={}",
+         max_answer={:?} resyncs={} stream_connects={} problem_types={:?}",
         answers.len(),
         count(&answers, 201) + count(&answers, 200),
         count(&answers, 503),
@@ -460,6 +485,7 @@ async fn refused_database_connections_answer_503_problems_while_the_listener_kee
         answers.iter().map(|a| a.took).max().unwrap_or_default(),
         sub.resyncs.load(Ordering::SeqCst),
         sub.connects.load(Ordering::SeqCst),
+        slugs_503(&answers),
     );
     ledger.assert_clean("refused connections");
     assert!(count(&answers, 503) >= 8);
@@ -481,6 +507,7 @@ async fn an_idle_transaction_older_than_the_inbox_retention_applies_nothing_twic
         ("FRESHPLAN_EVENTS_INBOX_RETENTION_HOURS", "0.001"),
         ("FRESHPLAN_EVENTS_RETENTION_INTERVAL_SECONDS", "1"),
         ("FRESHPLAN_EVENTS_MAX_UNSETTLED_ROWS", "100"),
+        SSE_QUEUE,
     ];
     let mut app = TestApp::spawn_with(&env).await;
     wait_until(PATIENCE, "ready", || async {
@@ -615,6 +642,7 @@ async fn an_idle_transaction_older_than_the_inbox_retention_applies_nothing_twic
     );
     assert_eq!(ledger.lost, 0, "{ledger:?}");
     assert_eq!(ledger.doubled, 0, "{ledger:?}");
+    assert_eq!(ledger.resyncs, 0, "{ledger:?}");
     assert_eq!(ledger.changes_without_one_event, 0, "{ledger:?}");
     sub.stop().await;
 }
@@ -650,6 +678,7 @@ fn serve(db: &TestDb, port: u16) -> Service {
         .env("FRESHPLAN_PII_LOOKUP_KEY", LOOKUP_KEY)
         .env("FRESHPLAN_EVENTS_POLL_INTERVAL_MS", "200")
         .env("FRESHPLAN_DATABASE_POOL_SIZE", "4")
+        .env(SSE_QUEUE.0, SSE_QUEUE.1)
         .env("RUST_LOG", "warn")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -832,7 +861,7 @@ impl Drop for PrivateCluster {
 async fn postgresql_stopped_and_started_under_load_answers_503_meanwhile_and_loses_nothing() {
     let mut cluster = PrivateCluster::start().await;
     let db = OwnDb::create(&cluster.admin, "freshplan_app").await;
-    let server = db.start(&[]).await;
+    let server = db.start(&[SSE_QUEUE]).await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()
@@ -916,7 +945,7 @@ async fn postgresql_stopped_and_started_under_load_answers_503_meanwhile_and_los
     println!(
         "FAULT postgresql-restart: requests={} ok={} 503={} outage={outage:?} readiness_down_after={down_after:?} \
          events={} lost={} doubled={} applied_twice={} ready_after_start={ready_after:?} \
-         writes_after_start={writes_after:?} max_answer={:?} stream_connects={}",
+         writes_after_start={writes_after:?} max_answer={:?} stream_connects={} resyncs={} problem_types={:?}",
         answers.len(),
         count(&answers, 201) + count(&answers, 200),
         count(&answers, 503),
@@ -926,6 +955,8 @@ async fn postgresql_stopped_and_started_under_load_answers_503_meanwhile_and_los
         ledger.projection_excess.max(0),
         answers.iter().map(|a| a.took).max().unwrap_or_default(),
         sub.connects.load(Ordering::SeqCst),
+        sub.resyncs.load(Ordering::SeqCst),
+        slugs_503(&answers),
     );
     ledger.assert_clean("PostgreSQL restart");
     sub.stop().await;
