@@ -667,6 +667,17 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A free port below the kernel's ephemeral range (32768 and up), so that no `bind(:0)` of a
+/// test running alongside can take it while the private cluster is stopped.
+fn free_port_below_ephemeral() -> u16 {
+    loop {
+        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 10_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// The real binary, as an operator runs it (no `--demo`: keys from the environment).
 fn serve(db: &TestDb, port: u16) -> Service {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_freshplan"))
@@ -817,7 +828,7 @@ impl PrivateCluster {
             freshplan::db::embedded::find_server_bin().is_some(),
             "the PostgreSQL server programs are not installed (.ci/run installs them)"
         );
-        let port = free_port();
+        let port = free_port_below_ephemeral();
         let mut cluster = PrivateCluster {
             data: std::env::temp_dir().join(format!(
                 "fp-faults-pg-{}",
