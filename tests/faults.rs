@@ -362,7 +362,8 @@ fn count(answers: &[Answer], status: u16) -> usize {
 // ---- (8) The database refuses new connections ----------------------------------------------
 
 #[tokio::test]
-async fn refused_database_connections_answer_503_problems_while_the_listener_keeps_delivering() {
+async fn refused_database_connections_answer_503_problems_while_the_listener_keeps_delivering_and_nothing_is_lost(
+) {
     let role = format!(
         "fp_faults_{}",
         &uuid::Uuid::new_v4().simple().to_string()[..10]
@@ -499,7 +500,8 @@ async fn refused_database_connections_answer_503_problems_while_the_listener_kee
 // ---- (7) A transaction idle for longer than the inbox retention ----------------------------
 
 #[tokio::test]
-async fn an_idle_transaction_older_than_the_inbox_retention_applies_nothing_twice() {
+async fn a_transaction_idle_past_the_inbox_retention_holds_the_cursor_shows_the_lag_bounds_listener_memory_and_applies_nothing_twice(
+) {
     // Retention shortened by configuration: outbox 1.8 s, inbox 3.6 s, the job every second;
     // the listener remembers at most 100 rows ahead of the durable cursor.
     let env = [
@@ -869,7 +871,8 @@ impl Drop for PrivateCluster {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgresql_stopped_and_started_under_load_answers_503_meanwhile_and_loses_nothing() {
+async fn postgresql_stopped_and_started_under_load_answers_503_goes_unready_recovers_by_itself_and_loses_nothing(
+) {
     let mut cluster = PrivateCluster::start().await;
     let db = OwnDb::create(&cluster.admin, "freshplan_app").await;
     let server = db.start(&[SSE_QUEUE]).await;

@@ -11,9 +11,9 @@
 //! `BEGIN` in psql) holds it back for as long as it stays open. The rows applied meanwhile are
 //! read again by the stable scan once it ends — by this instance after a restart, or by any other
 //! instance — and only their inbox rows make that re-read a `duplicate`. Pruning them by age alone
-//! would apply those events twice (tests/faults.rs,
-//! `an_idle_transaction_older_than_the_inbox_retention_applies_nothing_twice`), so an inbox row
-//! is pruned only once its outbox row is gone or at or below the consumer's cursor.
+//! would apply those events twice (tests/faults.rs, `a_transaction_idle_past_the_inbox_retention_…`),
+//! so an inbox row is pruned only once its outbox row is gone or at or below the consumer's
+//! cursor.
 
 use std::time::Duration;
 
