@@ -1126,4 +1126,57 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("inbox-retention-hours"), "{err}");
     }
+
+    #[test]
+    fn retention_takes_fractions_of_an_hour_down_to_a_second_and_its_interval_and_the_listener_bound_are_checked(
+    ) {
+        let s = load(
+            None,
+            &[
+                ("FRESHPLAN_EVENTS_OUTBOX_RETENTION_HOURS", "0.5"),
+                ("FRESHPLAN_EVENTS_INBOX_RETENTION_HOURS", "0.75"),
+                ("FRESHPLAN_EVENTS_RETENTION_INTERVAL_SECONDS", "60"),
+                ("FRESHPLAN_EVENTS_MAX_UNSETTLED_ROWS", "500"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.events.outbox_retention_hours, 0.5);
+        assert_eq!(s.events.inbox_retention_hours, 0.75);
+        assert_eq!(s.events.retention_interval_seconds, 60);
+        assert_eq!(s.events.max_unsettled_rows, 500);
+        let defaults = load(None, &[]).unwrap();
+        assert_eq!(defaults.events.outbox_retention_hours, 168.0);
+        assert_eq!(defaults.events.retention_interval_seconds, 3600);
+        assert_eq!(defaults.events.max_unsettled_rows, 100_000);
+        for (key, value, named) in [
+            (
+                "FRESHPLAN_EVENTS_OUTBOX_RETENTION_HOURS",
+                "0.0001",
+                "outbox-retention-hours",
+            ),
+            (
+                "FRESHPLAN_EVENTS_OUTBOX_RETENTION_HOURS",
+                "NaN",
+                "outbox-retention-hours",
+            ),
+            (
+                "FRESHPLAN_EVENTS_RETENTION_INTERVAL_SECONDS",
+                "0",
+                "retention-interval-seconds",
+            ),
+            (
+                "FRESHPLAN_EVENTS_RETENTION_INTERVAL_SECONDS",
+                "90000",
+                "retention-interval-seconds",
+            ),
+            (
+                "FRESHPLAN_EVENTS_MAX_UNSETTLED_ROWS",
+                "99",
+                "max-unsettled-rows",
+            ),
+        ] {
+            let err = load(None, &[(key, value)]).unwrap_err();
+            assert!(err.to_string().contains(named), "{key}={value}: {err}");
+        }
+    }
 }
