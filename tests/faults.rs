@@ -362,7 +362,7 @@ fn count(answers: &[Answer], status: u16) -> usize {
 // ---- (8) The database refuses new connections ----------------------------------------------
 
 #[tokio::test]
-async fn refused_database_connections_answer_503_problems_while_the_listener_keeps_delivering_and_nothing_is_lost(
+async fn refused_database_connections_answer_503_problems_keep_readiness_up_and_the_listener_delivering_and_lose_nothing(
 ) {
     let role = format!(
         "fp_faults_{}",
@@ -445,6 +445,13 @@ async fn refused_database_connections_answer_503_problems_while_the_listener_kee
         "the listener kept its connection"
     );
     let refused_for = fault_start.elapsed();
+    // Readiness has a connection of its own: a refusal of new connections alone does not take
+    // the instance out of the load balancer (the 503s above tell the clients to retry).
+    assert_eq!(
+        get_status(&client, &ready).await,
+        200,
+        "readiness stays UP while only new connections are refused"
+    );
 
     // Connections free up.
     sqlx::query(&format!("ALTER ROLE {role} CONNECTION LIMIT -1"))
