@@ -361,6 +361,26 @@ fn count(answers: &[Answer], status: u16) -> usize {
 
 // ---- (8) The database refuses new connections ----------------------------------------------
 
+/// Drops a database and its own role when the test ends, passed or failed (a role is
+/// cluster-wide: a failed test must not leave it behind on the shared server).
+struct Cleanup(Option<OwnDb>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(db) = self.0.take() {
+            let _ = std::thread::spawn(move || {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    rt.block_on(db.drop_all());
+                }
+            })
+            .join();
+        }
+    }
+}
+
 #[tokio::test]
 async fn refused_database_connections_answer_503_problems_keep_readiness_up_and_the_listener_delivering_and_lose_nothing(
 ) {
@@ -369,6 +389,7 @@ async fn refused_database_connections_answer_503_problems_keep_readiness_up_and_
         &uuid::Uuid::new_v4().simple().to_string()[..10]
     );
     let db = OwnDb::create(&admin_url(), &role).await;
+    let _cleanup = Cleanup(Some(db.clone()));
     let server = db.start(&[SSE_QUEUE]).await;
     let base = Arc::new(Mutex::new(server.url()));
     let client = reqwest::Client::new();
@@ -501,7 +522,6 @@ async fn refused_database_connections_answer_503_problems_keep_readiness_up_and_
     server.stop().await;
     direct_pool.close().await;
     drop(su);
-    db.drop_all().await;
 }
 
 // ---- (7) A transaction idle for longer than the inbox retention ----------------------------
