@@ -155,13 +155,25 @@ const KEYS: &[Key] = &[
         name: "freshplan.events.outbox-retention-hours",
         default: "168",
         alias_env: None,
-        doc: "outbox rows older than this are pruned",
+        doc: "consumed outbox rows older than this are pruned (fractions allowed)",
     },
     Key {
         name: "freshplan.events.inbox-retention-hours",
         default: "336",
         alias_env: None,
-        doc: "inbox rows kept at least as long as the outbox",
+        doc: "inbox rows kept at least as long as the outbox, and never beyond the durable cursor",
+    },
+    Key {
+        name: "freshplan.events.retention-interval-seconds",
+        default: "3600",
+        alias_env: None,
+        doc: "how often the retention job runs (and once at start)",
+    },
+    Key {
+        name: "freshplan.events.max-unsettled-rows",
+        default: "100000",
+        alias_env: None,
+        doc: "rows the listener handled ahead of the durable cursor that it remembers; at the bound live delivery waits for the cursor",
     },
     Key {
         name: "freshplan.events.dedupe-cache-size",
@@ -411,8 +423,15 @@ impl std::fmt::Debug for PiiSettings {
 #[derive(Debug, Clone)]
 pub struct EventSettings {
     pub poll_interval_ms: u64,
-    pub outbox_retention_hours: i64,
-    pub inbox_retention_hours: i64,
+    /// Hours; fractions allowed (`0.5`), so tests and small installations can shorten it.
+    pub outbox_retention_hours: f64,
+    /// Hours, ≥ the outbox's; inbox rows of events beyond a consumer's durable cursor stay.
+    pub inbox_retention_hours: f64,
+    /// Interval of the retention job.
+    pub retention_interval_seconds: u64,
+    /// Bound of the listener's memory of rows handled ahead of the durable cursor (while a long
+    /// transaction holds the cursor back).
+    pub max_unsettled_rows: usize,
     pub dedupe_cache_size: usize,
     pub sse_queue_size: usize,
     pub sse_keepalive_seconds: u64,
@@ -650,6 +669,8 @@ impl Settings {
                 poll_interval_ms: get(f, "freshplan.events.poll-interval-ms")?,
                 outbox_retention_hours: get(f, "freshplan.events.outbox-retention-hours")?,
                 inbox_retention_hours: get(f, "freshplan.events.inbox-retention-hours")?,
+                retention_interval_seconds: get(f, "freshplan.events.retention-interval-seconds")?,
+                max_unsettled_rows: get(f, "freshplan.events.max-unsettled-rows")?,
                 dedupe_cache_size: get(f, "freshplan.events.dedupe-cache-size")?,
                 sse_queue_size: get(f, "freshplan.events.sse-queue-size")?,
                 sse_keepalive_seconds: get(f, "freshplan.events.sse-keepalive-seconds")?,
@@ -739,16 +760,37 @@ impl Settings {
                 "must be at least 10",
             ));
         }
-        if self.events.outbox_retention_hours < 1 {
+        // At least one second; fractions of an hour are allowed.
+        if !(self.events.outbox_retention_hours.is_finite()
+            && self.events.outbox_retention_hours >= 1.0 / 3600.0)
+        {
             return Err(invalid(
                 "freshplan.events.outbox-retention-hours",
-                "must be at least 1",
+                "must be a number of hours of at least 1 second (0.0003), e.g. 168 or 0.5",
+            ));
+        }
+        if !self.events.inbox_retention_hours.is_finite() {
+            return Err(invalid(
+                "freshplan.events.inbox-retention-hours",
+                "must be a number of hours",
             ));
         }
         if self.events.inbox_retention_hours < self.events.outbox_retention_hours {
             return Err(invalid(
                 "freshplan.events.inbox-retention-hours",
                 "must be at least freshplan.events.outbox-retention-hours (a re-read event must still find its inbox row)",
+            ));
+        }
+        if !(1..=86_400).contains(&self.events.retention_interval_seconds) {
+            return Err(invalid(
+                "freshplan.events.retention-interval-seconds",
+                "must be between 1 and 86400",
+            ));
+        }
+        if self.events.max_unsettled_rows < 100 {
+            return Err(invalid(
+                "freshplan.events.max-unsettled-rows",
+                "must be at least 100",
             ));
         }
         if self.events.sse_queue_size < 1 {
@@ -1098,5 +1140,58 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("inbox-retention-hours"), "{err}");
+    }
+
+    #[test]
+    fn retention_takes_fractions_of_an_hour_down_to_a_second_and_its_interval_and_the_listener_bound_are_checked(
+    ) {
+        let s = load(
+            None,
+            &[
+                ("FRESHPLAN_EVENTS_OUTBOX_RETENTION_HOURS", "0.5"),
+                ("FRESHPLAN_EVENTS_INBOX_RETENTION_HOURS", "0.75"),
+                ("FRESHPLAN_EVENTS_RETENTION_INTERVAL_SECONDS", "60"),
+                ("FRESHPLAN_EVENTS_MAX_UNSETTLED_ROWS", "500"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.events.outbox_retention_hours, 0.5);
+        assert_eq!(s.events.inbox_retention_hours, 0.75);
+        assert_eq!(s.events.retention_interval_seconds, 60);
+        assert_eq!(s.events.max_unsettled_rows, 500);
+        let defaults = load(None, &[]).unwrap();
+        assert_eq!(defaults.events.outbox_retention_hours, 168.0);
+        assert_eq!(defaults.events.retention_interval_seconds, 3600);
+        assert_eq!(defaults.events.max_unsettled_rows, 100_000);
+        for (key, value, named) in [
+            (
+                "FRESHPLAN_EVENTS_OUTBOX_RETENTION_HOURS",
+                "0.0001",
+                "outbox-retention-hours",
+            ),
+            (
+                "FRESHPLAN_EVENTS_OUTBOX_RETENTION_HOURS",
+                "NaN",
+                "outbox-retention-hours",
+            ),
+            (
+                "FRESHPLAN_EVENTS_RETENTION_INTERVAL_SECONDS",
+                "0",
+                "retention-interval-seconds",
+            ),
+            (
+                "FRESHPLAN_EVENTS_RETENTION_INTERVAL_SECONDS",
+                "90000",
+                "retention-interval-seconds",
+            ),
+            (
+                "FRESHPLAN_EVENTS_MAX_UNSETTLED_ROWS",
+                "99",
+                "max-unsettled-rows",
+            ),
+        ] {
+            let err = load(None, &[(key, value)]).unwrap_err();
+            assert!(err.to_string().contains(named), "{key}={value}: {err}");
+        }
     }
 }

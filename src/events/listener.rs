@@ -18,6 +18,18 @@
 //! handled (keyed by their cursor order, pruned as the cursor passes them) stops the stable scan
 //! from handling them a second time on this instance; the inbox makes any re-read harmless anyway.
 //!
+//! # Bounded while a transaction holds the cursor back
+//!
+//! A transaction left open (idle in transaction) keeps `pg_snapshot_xmin` — and so the durable
+//! cursor — where it is for as long as it stays open, while the fresh scan keeps handling what
+//! commits after it. The rows handled ahead of the cursor are remembered (with their age, which
+//! is what `freshplan_outbox_lag_seconds` then reports: the durable consumer has not *passed*
+//! them) up to `freshplan.events.max-unsettled-rows`. At that bound the fresh scan stops taking
+//! new rows: live delivery then waits for the cursor (the lag and readiness's `unsettledRows`
+//! show it, the log says `listener bookkeeping full`) instead of memory growing without limit;
+//! nothing is lost or doubled, since the stable scan delivers every row once the transaction
+//! ends. Ending the transaction (runbook) releases both.
+//!
 //! # Order of work
 //!
 //! `LISTEN` first, then catch up (stable scan to the end, then fresh scan), then react to
@@ -40,12 +52,13 @@
 //! subscribers, and reloading it would skip them silently. Re-reading rows another instance
 //! already applied is harmless (the inboxes say `duplicate`; the per-instance effects still run).
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -78,6 +91,8 @@ pub struct Listener {
     /// In-process wake after a local commit (no database round trip).
     pub wake: Arc<Notify>,
     pub poll_interval: Duration,
+    /// Bound of the rows remembered ahead of the durable cursor.
+    pub max_unsettled: usize,
 }
 
 /// The scan state that survives reconnects.
@@ -89,8 +104,13 @@ struct Scanner {
     cursor: Option<Cursor>,
     /// Highest position the fresh scan has read.
     high: i64,
-    /// Rows beyond the durable cursor this instance already handled.
-    handled: BTreeSet<Cursor>,
+    /// Rows beyond the durable cursor this instance already handled, with their `created_at`.
+    handled: BTreeMap<Cursor, DateTime<Utc>>,
+    /// Bound of `handled` (the fresh scan pauses there).
+    max_unsettled: usize,
+    /// Whether the bound was reached (logged once per episode).
+    full: bool,
+    health: Arc<ListenerHealth>,
 }
 
 impl Scanner {
@@ -103,7 +123,7 @@ impl Scanner {
         let received = Instant::now();
         let todo: Vec<OutboxRow> = rows
             .iter()
-            .filter(|r| !self.handled.contains(&Cursor::at(r)))
+            .filter(|r| !self.handled.contains_key(&Cursor::at(r)))
             .cloned()
             .collect();
         self.dispatcher.received(&todo);
@@ -111,7 +131,8 @@ impl Scanner {
             .process(self.pool()?, &todo, received, advance_to)
             .await
             .context("consuming outbox rows")?;
-        self.handled.extend(todo.iter().map(Cursor::at));
+        self.handled
+            .extend(todo.iter().map(|r| (Cursor::at(r), r.created_at)));
         if let Some(c) = advance_to {
             self.cursor = Some(c);
             // Neither scan reads at or below the cursor again.
@@ -141,16 +162,31 @@ impl Scanner {
         };
         let oldest = rows
             .iter()
-            .find(|r| !self.handled.contains(&Cursor::at(r)))
+            .find(|r| !self.handled.contains_key(&Cursor::at(r)))
             .map(|r| r.created_at);
         self.dispatcher.set_lag(oldest);
         self.handle(&rows, Some(last)).await?;
         Ok(rows.len())
     }
 
-    /// One fresh batch; returns the number of rows read.
+    /// One fresh batch; returns the number of rows read. Reads nothing while `handled` is at
+    /// its bound (the stable scan delivers those rows once the cursor moves).
     async fn fresh(&mut self) -> anyhow::Result<usize> {
-        let rows = outbox::fetch_fresh(self.pool()?, self.high, self.cursor(), BATCH)
+        let room = self.max_unsettled.saturating_sub(self.handled.len());
+        if room == 0 {
+            if !self.full {
+                self.full = true;
+                tracing::warn!(
+                    unsettled = self.handled.len(),
+                    "listener bookkeeping full: a long transaction holds the durable cursor back; \
+                     live delivery waits for it (see the runbook, events are late)"
+                );
+            }
+            return Ok(0);
+        }
+        self.full = false;
+        let limit = BATCH.min(room as i64);
+        let rows = outbox::fetch_fresh(self.pool()?, self.high, self.cursor(), limit)
             .await
             .context("reading the outbox")?;
         let Some(max) = rows.iter().map(|r| r.position).max() else {
@@ -165,7 +201,14 @@ impl Scanner {
     async fn drain(&mut self) -> anyhow::Result<()> {
         while self.stable().await? as i64 == BATCH {}
         while self.fresh().await? as i64 == BATCH {}
-        self.dispatcher.set_lag(None);
+        // Handled but not passed: the durable consumer's lag is the age of the oldest of them
+        // (the first in cursor order, i.e. of the oldest transaction).
+        let oldest = self.handled.values().next().copied();
+        self.dispatcher.set_lag(oldest);
+        let lag = oldest
+            .map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        self.health.set_backlog(self.handled.len(), lag);
         Ok(())
     }
 }
@@ -178,7 +221,10 @@ impl Listener {
             pool: None,
             cursor: None,
             high: 0,
-            handled: BTreeSet::new(),
+            handled: BTreeMap::new(),
+            max_unsettled: self.max_unsettled.max(1),
+            full: false,
+            health: self.health.clone(),
         };
         let mut backoff = BACKOFF_START;
         loop {

@@ -251,6 +251,7 @@ impl Background {
                 health,
                 wake: publisher.wake_local.clone(),
                 poll_interval: Duration::from_millis(settings.events.poll_interval_ms),
+                max_unsettled: settings.events.max_unsettled_rows,
             };
             tasks.push(tokio::spawn(listener.run(stopped)));
         } else {

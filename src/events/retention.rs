@@ -1,7 +1,19 @@
 //! Retention of the event tables: outbox rows older than
 //! `freshplan.events.outbox-retention-hours` that the durable consumer has passed, and inbox rows
 //! older than `freshplan.events.inbox-retention-hours` (validated ≥ the outbox's, so a re-read
-//! event still finds its inbox row). Runs hourly as the system principal.
+//! event still finds its inbox row). Runs every `freshplan.events.retention-interval-seconds`
+//! (hourly by default, and at start) as the system principal.
+//!
+//! # An inbox row stays while its event lies beyond the consumer's durable cursor
+//!
+//! The listener applies fresh rows at once, but the durable cursor only passes rows whose
+//! transaction is older than the oldest one running: one transaction left idle (a forgotten
+//! `BEGIN` in psql) holds it back for as long as it stays open. The rows applied meanwhile are
+//! read again by the stable scan once it ends — by this instance after a restart, or by any other
+//! instance — and only their inbox rows make that re-read a `duplicate`. Pruning them by age alone
+//! would apply those events twice (tests/faults.rs, `a_transaction_idle_past_the_inbox_retention_…`),
+//! so an inbox row is pruned only once its outbox row is gone or at or below the consumer's
+//! cursor.
 
 use std::time::Duration;
 
@@ -25,27 +37,34 @@ pub struct Pruned {
 pub async fn prune(pool: &PgPool, settings: &EventSettings) -> Result<Pruned, sqlx::Error> {
     let mut tx = db::begin_as(pool, &Principal::system()).await?;
     let outbox = sqlx::query(
-        "DELETE FROM outbox WHERE created_at < now() - make_interval(hours => $1) \
+        "DELETE FROM outbox WHERE created_at < now() - make_interval(secs => $1) \
            AND (txid, position) <= \
              (SELECT txid, position FROM event_cursors ORDER BY txid, position LIMIT 1)",
     )
-    .bind(i32::try_from(settings.outbox_retention_hours).unwrap_or(i32::MAX))
+    .bind(settings.outbox_retention_hours * 3600.0)
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    let inbox =
-        sqlx::query("DELETE FROM inbox WHERE processed_at < now() - make_interval(hours => $1)")
-            .bind(i32::try_from(settings.inbox_retention_hours).unwrap_or(i32::MAX))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+    let inbox = sqlx::query(
+        "DELETE FROM inbox i WHERE i.processed_at < now() - make_interval(secs => $1) \
+           AND NOT EXISTS ( \
+             SELECT 1 FROM outbox o LEFT JOIN event_cursors c ON c.consumer = i.consumer \
+              WHERE o.idempotency_key = i.idempotency_key \
+                AND (c.consumer IS NULL OR (o.txid, o.position) > (c.txid, c.position)))",
+    )
+    .bind(settings.inbox_retention_hours * 3600.0)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
     tx.commit().await?;
     Ok(Pruned { outbox, inbox })
 }
 
-/// Prunes every hour until `stop` turns true.
+/// Prunes at start and every `retention-interval-seconds` until `stop` turns true.
 pub async fn run(pool: PgPool, settings: EventSettings, mut stop: watch::Receiver<bool>) {
-    let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+    let mut hourly = tokio::time::interval(Duration::from_secs(
+        settings.retention_interval_seconds.max(1),
+    ));
     hourly.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -60,7 +79,9 @@ pub async fn run(pool: PgPool, settings: EventSettings, mut stop: watch::Receive
                 "event retention pruned rows"
             ),
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "event retention failed; retrying next hour"),
+            Err(e) => {
+                tracing::warn!(error = %e, "event retention failed; retrying at the next interval")
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! `/q/health/live` and `/q/health/ready` (MicroProfile-style JSON).
 
-use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{FromRef, State};
@@ -16,6 +16,10 @@ pub struct ListenerHealth {
     state: AtomicU8,
     backend_pid: AtomicI32,
     connected: prometheus::Gauge,
+    /// Rows handled ahead of the durable cursor (held back by a long transaction).
+    unsettled: AtomicUsize,
+    /// Age of the oldest of them, in milliseconds.
+    lag_ms: AtomicU64,
 }
 
 /// What the listener is doing.
@@ -42,7 +46,22 @@ impl ListenerHealth {
             state: AtomicU8::new(ListenerState::Disconnected as u8),
             backend_pid: AtomicI32::new(0),
             connected,
+            unsettled: AtomicUsize::new(0),
+            lag_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Records how many rows the listener handled ahead of the durable cursor and the age of the
+    /// oldest (`freshplan_outbox_lag_seconds`, in seconds).
+    pub fn set_backlog(&self, unsettled: usize, lag_seconds: f64) {
+        self.unsettled.store(unsettled, Ordering::SeqCst);
+        self.lag_ms
+            .store((lag_seconds * 1000.0) as u64, Ordering::SeqCst);
+    }
+
+    /// Rows handled ahead of the durable cursor, as last recorded.
+    pub fn unsettled(&self) -> usize {
+        self.unsettled.load(Ordering::SeqCst)
     }
 
     /// Records the PostgreSQL backend pid of the current LISTEN connection.
@@ -110,7 +129,10 @@ pub struct HealthDoc {
 pub struct HealthCheckDoc {
     name: String,
     status: UpDown,
-    /// `lead-event-handler`: `{"state": "disconnected" | "catching-up" | "live" | "disabled"}`.
+    /// `lead-event-handler`: `{"state": "disconnected" | "catching-up" | "live" | "disabled",
+    /// "outboxLagSeconds": "<age of the oldest event the durable cursor has not passed>",
+    /// "unsettledRows": "<rows handled ahead of the cursor>"}`; a lag alone (a long transaction
+    /// holds the cursor back) does not make the check DOWN.
     #[schema(required = false)]
     data: std::collections::HashMap<String, String>,
 }
@@ -157,7 +179,11 @@ pub async fn ready(State(health): State<HealthState>) -> (StatusCode, Json<Value
         "status": word(up),
         "checks": [
             {"name": "database", "status": word(db_up)},
-            {"name": "lead-event-handler", "status": word(listener_up), "data": {"state": state_name}},
+            {"name": "lead-event-handler", "status": word(listener_up), "data": {
+                "state": state_name,
+                "outboxLagSeconds": format!("{:.1}", health.listener.lag_ms.load(Ordering::SeqCst) as f64 / 1000.0),
+                "unsettledRows": health.listener.unsettled().to_string(),
+            }},
         ]
     });
     (

@@ -502,3 +502,116 @@ pub fn activity_event(owner: &str, territory: Territory) -> envelope::NewEvent {
         },
     )
 }
+
+// ---- Databases on another server, or with an application role of their own (tests/faults.rs) --
+
+/// `postgres://<user>@<host:port of admin>/<db>`.
+pub fn url_on(admin: &str, user: &str, db: &str) -> String {
+    let host = admin
+        .split_once('@')
+        .map(|(_, h)| h)
+        .unwrap_or("127.0.0.1:5432/postgres");
+    let host = host.rsplit_once('/').map(|(h, _)| h).unwrap_or(host);
+    format!("postgres://{user}@{host}/{db}")
+}
+
+/// A migrated database on the server at `admin` whose application role is `app_role`: a private
+/// cluster, or a role of its own whose connections a test may limit without touching other tests.
+#[derive(Clone)]
+pub struct OwnDb {
+    pub admin: String,
+    pub name: String,
+    pub app_role: String,
+}
+
+impl OwnDb {
+    /// Creates and migrates a fresh database (and the role, if missing) by the real `migrate`.
+    pub async fn create(admin: &str, app_role: &str) -> OwnDb {
+        let name = format!(
+            "fp_test_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..16]
+        );
+        let target =
+            bootstrap::Target::from_url(&url_on(admin, app_role, &name), "freshplan_owner")
+                .unwrap();
+        bootstrap::migrate(admin, &target)
+            .await
+            .expect("migrate own database");
+        OwnDb {
+            admin: admin.to_string(),
+            name,
+            app_role: app_role.to_string(),
+        }
+    }
+
+    /// Runtime URL (the application role).
+    pub fn app_url(&self) -> String {
+        url_on(&self.admin, &self.app_role, &self.name)
+    }
+
+    /// A superuser connection to this database.
+    pub async fn superuser(&self) -> PgConnection {
+        PgConnection::connect(&url_on(&self.admin, "postgres", &self.name))
+            .await
+            .expect("superuser connection")
+    }
+
+    /// Settings for an instance on this database; `env` overrides keys by their env names.
+    pub fn settings(&self, env: &[(&str, &str)]) -> Settings {
+        let mut vars: HashMap<String, String> = HashMap::from([
+            ("DATABASE_URL".into(), self.app_url()),
+            ("FRESHPLAN_ADMIN_DATABASE_URL".into(), self.admin.clone()),
+            ("FRESHPLAN_AUTH_JWT_SECRET".into(), JWT_SECRET.into()),
+            ("FRESHPLAN_PII_KEYS".into(), KEY_1.into()),
+            ("FRESHPLAN_PII_LOOKUP_KEY".into(), LOOKUP_KEY.into()),
+            ("FRESHPLAN_EVENTS_POLL_INTERVAL_MS".into(), "200".into()),
+            ("FRESHPLAN_DATABASE_POOL_SIZE".into(), "4".into()),
+        ]);
+        for (k, v) in env {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        Settings::load_with(None, |k| vars.get(k).cloned()).expect("test settings")
+    }
+
+    /// An instance on this database with the demo users seeded.
+    pub async fn start(&self, env: &[(&str, &str)]) -> Server {
+        let settings = self.settings(env);
+        let vault = vault_from(&settings);
+        let auth = Authenticator::from_settings(&settings.jwt, false).unwrap();
+        let seed_vault = vault_from(&settings);
+        let state = AppState::connect(settings, auth, vault)
+            .await
+            .expect("connect as application role");
+        freshplan::demo::seed(&state.pool, &seed_vault, 0)
+            .await
+            .expect("seed users");
+        Server::start(state, "127.0.0.1:0")
+            .await
+            .expect("server starts")
+    }
+
+    /// `Authorization` header value for a demo user.
+    pub fn bearer(&self, demo_user: &str) -> String {
+        let p = freshplan::demo::principal(demo_user).expect("demo user");
+        let auth = Authenticator::from_settings(&self.settings(&[]).jwt, false).unwrap();
+        format!("Bearer {}", auth.mint(&p, 3600).unwrap())
+    }
+
+    /// Drops the database and, unless it is the shared `freshplan_app`, the role (best effort).
+    pub async fn drop_all(&self) {
+        let Ok(mut c) = PgConnection::connect(&self.admin).await else {
+            return;
+        };
+        let _ = sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut c)
+        .await;
+        if self.app_role != "freshplan_app" {
+            let _ = sqlx::query(&format!("DROP ROLE IF EXISTS {}", self.app_role))
+                .execute(&mut c)
+                .await;
+        }
+    }
+}
