@@ -9,6 +9,8 @@ use axum::Json;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
+use crate::events::relay::{RelayHealth, RelayState};
+
 /// State of this instance's event listener, shared with the `lead-event-handler` check and
 /// mirrored in the `freshplan_listener_connected` gauge.
 #[derive(Debug)]
@@ -73,18 +75,26 @@ impl ListenerHealth {
 pub struct HealthState {
     pub probe: PgPool,
     pub listener: Arc<ListenerHealth>,
+    pub relay: RelayCheck,
 }
+
+/// The NATS relay's state when it runs in this process (`freshplan.relay.enabled`); readiness
+/// then has a `relay` check, DOWN while the relay can reach neither NATS nor the database.
+#[derive(Clone, Default)]
+pub struct RelayCheck(pub Option<Arc<RelayHealth>>);
 
 impl<S> FromRef<S> for HealthState
 where
     S: Send + Sync,
     Arc<ListenerHealth>: FromRef<S>,
     ProbePool: FromRef<S>,
+    RelayCheck: FromRef<S>,
 {
     fn from_ref(state: &S) -> Self {
         HealthState {
             probe: ProbePool::from_ref(state).0,
             listener: Arc::<ListenerHealth>::from_ref(state),
+            relay: RelayCheck::from_ref(state),
         }
     }
 }
@@ -152,14 +162,21 @@ pub async fn ready(State(health): State<HealthState>) -> (StatusCode, Json<Value
         ListenerState::Live => "live",
         ListenerState::Disabled => "disabled",
     };
-    let up = db_up && listener_up;
-    let body = json!({
-        "status": word(up),
-        "checks": [
-            {"name": "database", "status": word(db_up)},
-            {"name": "lead-event-handler", "status": word(listener_up), "data": {"state": state_name}},
-        ]
-    });
+    let mut up = db_up && listener_up;
+    let mut checks = vec![
+        json!({"name": "database", "status": word(db_up)}),
+        json!({"name": "lead-event-handler", "status": word(listener_up), "data": {"state": state_name}}),
+    ];
+    if let Some(relay) = &health.relay.0 {
+        // A standby is ready: it can reach NATS and takes over when the active relay goes.
+        let state = relay.get();
+        let relay_up = state != RelayState::Down;
+        up &= relay_up;
+        checks.push(
+            json!({"name": "relay", "status": word(relay_up), "data": {"state": state.as_str()}}),
+        );
+    }
+    let body = json!({"status": word(up), "checks": checks});
     (
         if up {
             StatusCode::OK

@@ -9,8 +9,8 @@ use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::error::ApiError;
@@ -52,7 +52,26 @@ pub struct Metrics {
     /// `freshplan_followup_queue_size{type}`: mails `pending` (queued, waiting or backing off)
     /// and `processing` (being delivered).
     pub followup_queue: IntGaugeVec,
+    /// `freshplan_relay_state`: 1 active, 0 standby, -1 down (NATS or database unreachable).
+    pub relay_state: IntGauge,
+    /// `freshplan_relay_lag_seconds`: age of the oldest committed event not yet in the stream.
+    pub relay_lag_seconds: Gauge,
+    /// `freshplan_relay_lag_events`: committed events not yet in the stream.
+    pub relay_lag_events: IntGauge,
+    /// `freshplan_relay_published_total{result}`: `published`, `duplicate` (JetStream already
+    /// had the id), `denied` (not a valid event, skipped), `failure` (no ack; retried).
+    pub relay_published: IntCounterVec,
+    /// `freshplan_relay_publish_latency_ms`: publish sent → ack received.
+    pub relay_publish_latency: Histogram,
+    /// `freshplan_relay_retries_total`: relay sessions that ended in an error and were retried.
+    pub relay_retries: IntCounter,
 }
+
+/// Publish → ack buckets (milliseconds): a local JetStream acks in well under 5 ms; the upper
+/// buckets show a slow or replicated stream, the last ones a timeout.
+pub const RELAY_PUBLISH_BUCKETS_MS: &[f64] = &[
+    0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0, 5000.0,
+];
 
 /// Follow-up batch duration buckets (milliseconds).
 pub const FOLLOWUP_BATCH_BUCKETS_MS: &[f64] = &[
@@ -186,6 +205,40 @@ impl Metrics {
             ),
             &["type"]
         ));
+        let relay_state = reg!(IntGauge::new(
+            "freshplan_relay_state",
+            "NATS relay of this process: 1 active (holds the relay lock), 0 standby, -1 down (NATS or database unreachable)"
+        ));
+        let relay_lag_seconds = reg!(Gauge::new(
+            "freshplan_relay_lag_seconds",
+            "Age of the oldest committed outbox event not yet acknowledged by JetStream (set by the active relay)"
+        ));
+        let relay_lag_events = reg!(IntGauge::new(
+            "freshplan_relay_lag_events",
+            "Committed outbox events not yet acknowledged by JetStream (set by the active relay)"
+        ));
+        let relay_published = reg!(IntCounterVec::new(
+            Opts::new(
+                "freshplan_relay_published_total",
+                "Outbox events sent to JetStream by result: published, duplicate (already in the stream), denied (invalid row, skipped), failure (retried)"
+            ),
+            &["result"]
+        ));
+        let relay_publish_latency = reg!(Histogram::with_opts(
+            HistogramOpts::new(
+                "freshplan_relay_publish_latency_ms",
+                "Time from sending a publish to JetStream until its ack"
+            )
+            .buckets(RELAY_PUBLISH_BUCKETS_MS.to_vec())
+        ));
+        let relay_retries = reg!(IntCounter::new(
+            "freshplan_relay_retries_total",
+            "Relay sessions that failed (NATS or database error) and were retried after a backoff"
+        ));
+        for result in ["published", "duplicate", "denied", "failure"] {
+            relay_published.with_label_values(&[result]).inc_by(0);
+        }
+        relay_state.set(-1);
         // Exported from the start, so dashboards and alerts see 0 rather than no series (and a
         // rate() over the first increase is not lost).
         active_widgets.with_label_values(&["sse"]).set(0);
@@ -205,6 +258,12 @@ impl Metrics {
             }
         }
         Metrics {
+            relay_state,
+            relay_lag_seconds,
+            relay_lag_events,
+            relay_published,
+            relay_publish_latency,
+            relay_retries,
             followup_sent,
             followup_automated,
             followup_batch_duration,
