@@ -154,7 +154,7 @@ impl AppState {
             settings
                 .relay
                 .enabled
-                .then(|| Arc::new(RelayHealth::new(metrics.relay_state.clone()))),
+                .then(|| Arc::new(RelayHealth::new(&metrics))),
         );
         Ok(AppState {
             relay,

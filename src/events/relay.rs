@@ -137,8 +137,11 @@ pub struct RelayHealth {
 }
 
 impl RelayHealth {
-    /// A health state reported into `gauge` (the registered `freshplan_relay_state`).
-    pub fn new(gauge: prometheus::IntGauge) -> Self {
+    /// A health state reported into `freshplan_relay_state` of `metrics`, which this exports
+    /// from now on (a process without a relay has no such series).
+    pub fn new(metrics: &Metrics) -> Self {
+        metrics.expose_relay_state();
+        let gauge = metrics.relay_state.clone();
         gauge.set(RelayState::Down as i64);
         RelayHealth {
             state: AtomicI64::new(RelayState::Down as i64),
@@ -181,7 +184,7 @@ impl Relay {
     /// A relay configured by `settings`, counting into `metrics`, with a health state of its own
     /// (mirrored in `freshplan_relay_state`).
     pub fn new(database_url: &str, settings: &RelaySettings, metrics: Arc<Metrics>) -> Self {
-        let health = Arc::new(RelayHealth::new(metrics.relay_state.clone()));
+        let health = Arc::new(RelayHealth::new(&metrics));
         Relay {
             database_url: database_url.to_string(),
             settings: settings.clone(),
@@ -516,7 +519,7 @@ impl Relay {
             let ack = ack.await.map_err(|e| self.failed(e, total))?;
             self.metrics
                 .relay_publish_latency
-                .observe(sent.elapsed().as_secs_f64() * 1000.0);
+                .observe(sent.elapsed().as_secs_f64());
             if ack.duplicate {
                 duplicates += 1;
             }
