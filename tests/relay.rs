@@ -363,6 +363,8 @@ fn relay_env(nats: &Nats) -> Vec<(&'static str, String)> {
         ("FRESHPLAN_RELAY_ENABLED", "true".into()),
         ("FRESHPLAN_RELAY_NATS_URL", nats.url()),
         ("FRESHPLAN_RELAY_POLL_INTERVAL_MS", "20".into()),
+        // A publish into a stopped NATS fails after 2 s instead of 5 s.
+        ("FRESHPLAN_RELAY_ACK_TIMEOUT_MS", "2000".into()),
     ]
 }
 
@@ -594,7 +596,7 @@ async fn nats_down_for_10_seconds_under_load_loses_and_doubles_nothing_and_the_l
     let in_stream_before = nats.count().await as i64;
     nats.stop();
     let outage = Instant::now();
-    wait_until(Duration::from_secs(8), "readiness relay DOWN", || async {
+    wait_until(Duration::from_secs(9), "readiness relay DOWN", || async {
         let (status, check) = relay_check(&app).await;
         status == 503 && check["status"] == "DOWN" && check["data"]["state"] == "down"
     })
@@ -604,7 +606,7 @@ async fn nats_down_for_10_seconds_under_load_loses_and_doubles_nothing_and_the_l
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(outage.elapsed())).await;
     let in_outbox = app.count("SELECT count(*) FROM outbox").await;
     assert!(
-        in_outbox > in_stream_before + 500,
+        in_outbox > in_stream_before + 200,
         "the outbox kept writing during the outage: {in_outbox} events, {in_stream_before} in the stream before"
     );
     nats.spawn().await;
@@ -614,7 +616,7 @@ async fn nats_down_for_10_seconds_under_load_loses_and_doubles_nothing_and_the_l
     .await;
     stop_tx.send(true).unwrap();
     let written = load.await.unwrap();
-    assert!(written > 1000, "only {written} events written under load");
+    assert!(written > 500, "only {written} events written under load");
     wait_until(CATCH_UP, "stream caught up, lag 0", || async {
         nats.count().await == written as u64
             && app.metric("freshplan_relay_lag_events").await == 0.0
