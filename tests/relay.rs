@@ -168,6 +168,10 @@ struct RelayProcess {
 
 impl RelayProcess {
     async fn spawn(db: &TestDb, nats: &Nats) -> RelayProcess {
+        Self::spawn_with(db, nats, &[]).await
+    }
+
+    async fn spawn_with(db: &TestDb, nats: &Nats, env: &[(&str, &str)]) -> RelayProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_freshplan"))
             .args(["relay", "--metrics-bind", "127.0.0.1:0"])
             .env_clear()
@@ -176,6 +180,7 @@ impl RelayProcess {
             .env("FRESHPLAN_RELAY_POLL_INTERVAL_MS", "20")
             .env("FRESHPLAN_RELAY_BATCH_SIZE", "100")
             .env("RUST_LOG", "info,sqlx=warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -743,4 +748,59 @@ async fn the_relay_catches_up_a_5000_event_backlog_at_hundreds_per_second_and_re
     assert_eq!(assert_exactly_once_in_order(&db, &nats).await, 6000);
     assert!(throughput > 300.0, "{throughput:.0} events/s");
     assert!(p99 < 1000.0, "p99 {p99:.1} ms");
+}
+
+#[tokio::test]
+async fn a_relay_whose_cursor_was_lost_resumes_after_the_streams_last_message_even_past_the_dedupe_window(
+) {
+    let nats = Nats::start().await;
+    let db = TestDb::create().await;
+    let pool = db.app_pool().await;
+    // A 1 s dedupe window (the stream is updated to it at start): dedupe alone cannot help once
+    // it has passed.
+    let short_window = [
+        ("FRESHPLAN_RELAY_ACK_TIMEOUT_MS", "200"),
+        ("FRESHPLAN_RELAY_DUPLICATE_WINDOW_SECONDS", "1"),
+    ];
+    write_events(pool.clone(), leads(5), 100, 10).await;
+    let mut relay = RelayProcess::spawn_with(&db, &nats, &short_window).await;
+    wait_until(CATCH_UP, "100 in the stream", || async {
+        nats.count().await == 100
+    })
+    .await;
+    relay.kill9();
+    let mut js = nats.jetstream().await;
+    js.set_timeout(Duration::from_secs(5));
+    let mut stream = js.get_stream(STREAM).await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().config.duplicate_window,
+        Duration::from_secs(1)
+    );
+    // The cursor commits were lost (as after a crash between the acks and the commit), and the
+    // dedupe window has passed.
+    let mut su = db.superuser().await;
+    sqlx::query("DELETE FROM event_cursors WHERE consumer = 'nats-relay'")
+        .execute(&mut su)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    write_events(pool.clone(), leads(5), 50, 10).await;
+    let relay = RelayProcess::spawn_with(&db, &nats, &short_window).await;
+    relay
+        .wait_for_log(
+            "relay: the stream is ahead of the stored cursor; resuming after its last message",
+        )
+        .await;
+    wait_until(CATCH_UP, "150 in the stream, lag 0", || async {
+        nats.count().await == 150 && relay.metric("freshplan_relay_lag_events").await == 0.0
+    })
+    .await;
+    assert_eq!(assert_exactly_once_in_order(&db, &nats).await, 150);
+    assert_eq!(
+        relay
+            .metric("freshplan_relay_published_total{result=\"published\"}")
+            .await,
+        50.0
+    );
 }
