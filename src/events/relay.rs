@@ -447,7 +447,9 @@ impl Relay {
             let rows = outbox::fetch_stable(scan, cursor, self.settings.batch_size)
                 .await
                 .context("reading the outbox")?;
-            if lag_refreshed.map_or(true, |t| t.elapsed() >= LAG_REFRESH) || rows.is_empty() {
+            // At most once a second while busy or idle (one index range count), and right after
+            // a batch that emptied the backlog, so the gauges reach 0 at once.
+            if lag_refreshed.map_or(true, |t| t.elapsed() >= LAG_REFRESH) {
                 self.refresh_lag(scan, cursor).await?;
                 lag_refreshed = Some(Instant::now());
             }
