@@ -109,7 +109,8 @@ pub struct ProbePool(pub PgPool);
 #[allow(dead_code)]
 pub struct HealthDoc {
     status: UpDown,
-    /// `database` and `lead-event-handler` (readiness); none for liveness.
+    /// `database` and `lead-event-handler` (readiness), and `relay` when the NATS relay runs in
+    /// the instance (`freshplan.relay.enabled`); none for liveness.
     checks: Vec<HealthCheckDoc>,
 }
 
@@ -120,7 +121,8 @@ pub struct HealthDoc {
 pub struct HealthCheckDoc {
     name: String,
     status: UpDown,
-    /// `lead-event-handler`: `{"state": "disconnected" | "catching-up" | "live" | "disabled"}`.
+    /// `lead-event-handler`: `{"state": "disconnected" | "catching-up" | "live" | "disabled"}`;
+    /// `relay`: `{"state": "active" | "standby" | "down"}` (DOWN only when `down`).
     #[schema(required = false)]
     data: std::collections::HashMap<String, String>,
 }
@@ -144,7 +146,7 @@ pub async fn live() -> Json<Value> {
 /// Readiness: database reachable and the listener live (or deliberately disabled).
 #[utoipa::path(get, path = "/q/health/ready", tag = "operations", security(()),
     responses((status = 200, description = "UP: checks `database` and `lead-event-handler`", body = HealthDoc),
-        (status = 503, description = "DOWN: database unreachable, or the listener disconnected or catching up", body = HealthDoc)))]
+        (status = 503, description = "DOWN: database unreachable, the listener disconnected or catching up, or the enabled NATS relay down", body = HealthDoc)))]
 pub async fn ready(State(health): State<HealthState>) -> (StatusCode, Json<Value>) {
     let db_up = tokio::time::timeout(
         std::time::Duration::from_secs(2),
