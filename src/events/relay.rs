@@ -504,15 +504,19 @@ impl Relay {
             );
             let payload = serde_json::to_vec(&row.envelope).context("encoding an envelope")?;
             let sent = Instant::now();
-            let ack = nats
-                .js
-                .publish_with_headers(
+            // Sending waits while the client's queue is full (NATS gone, reconnecting): bounded
+            // by the ack timeout like the ack itself.
+            let ack = tokio::time::timeout(
+                self.ack_timeout(),
+                nats.js.publish_with_headers(
                     subject(&row.territory, &row.event_type),
                     headers,
                     payload.into(),
-                )
-                .await
-                .map_err(|e| self.failed(e, rows.len()))?;
+                ),
+            )
+            .await
+            .map_err(|e| self.failed(e, rows.len()))?
+            .map_err(|e| self.failed(e, rows.len()))?;
             pending.push((sent, ack));
         }
         let mut duplicates = 0u64;
