@@ -75,6 +75,12 @@ freshplan_notify_queue_usage
 freshplan_listener_connected
 freshplan_http_requests_total
 freshplan_http_request_duration_ms
+freshplan_relay_state
+freshplan_relay_lag_seconds
+freshplan_relay_lag_events
+freshplan_relay_published_total
+freshplan_relay_publish_latency_seconds
+freshplan_relay_retries_total
 EOF
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ pg_isready -h 127.0.0.1 -p 5432
 need_apt=()
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v amtool >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
+command -v nats-server >/dev/null 2>&1 || need_apt+=(nats-server)   # tests/relay.rs
 command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"

@@ -25,6 +25,7 @@ use crate::error::ApiError;
 use crate::events::consumer::Dispatcher;
 use crate::events::dedupe::DedupeCache;
 use crate::events::hub::Hub;
+use crate::events::relay::{Relay, RelayHealth};
 use crate::events::{EventsState, Publisher};
 use crate::followups::clock::Clock;
 use crate::followups::job::{Job, UNSUBSCRIBE_KEY_PURPOSE};
@@ -37,7 +38,7 @@ use crate::http_server::{self, Limits};
 use crate::leads::service::LeadService;
 use crate::leads::LeadsState;
 use crate::pii::Vault;
-use crate::telemetry::health::{ListenerHealth, ProbePool};
+use crate::telemetry::health::{ListenerHealth, ProbePool, RelayCheck};
 use crate::telemetry::metrics::{self, Metrics};
 use crate::{auth, cockpit, db, events, followups, leads, telemetry};
 
@@ -76,6 +77,8 @@ pub struct AppState {
     pub mail: Arc<MailDispatcher>,
     /// Unsubscribe links.
     pub unsubscribe: Arc<Unsubscribe>,
+    /// The NATS relay's state, when `freshplan.relay.enabled` runs it in this instance.
+    pub relay: RelayCheck,
 }
 
 impl AppState {
@@ -151,7 +154,14 @@ impl AppState {
             mail,
             unsubscribe,
         } = FollowupParts::new(&settings, &pool, &vault, &metrics, &publisher)?;
+        let relay = RelayCheck(
+            settings
+                .relay
+                .enabled
+                .then(|| Arc::new(RelayHealth::new(&metrics))),
+        );
         Ok(AppState {
+            relay,
             clock,
             followups,
             mail,
@@ -530,6 +540,8 @@ pub struct Server {
     /// The mail dispatcher and the follow-up schedule.
     followup_tasks: Vec<JoinHandle<()>>,
     followup_stop: Arc<tokio::sync::Notify>,
+    /// The NATS relay (with `freshplan.relay.enabled`) and its stop signal.
+    relay: Option<(tokio::sync::watch::Sender<bool>, JoinHandle<()>)>,
 }
 
 impl Server {
@@ -575,6 +587,16 @@ impl Server {
                     .schedule(schedule, followup_stop.clone()),
             ));
         }
+        let relay = state.relay.0.clone().map(|health| {
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let relay = Relay {
+                database_url: state.settings.database_url.clone(),
+                settings: state.settings.relay.clone(),
+                metrics: state.metrics.clone(),
+                health,
+            };
+            (stop, tokio::spawn(relay.run(stopped)))
+        });
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let app = router(state.clone());
         let http = tokio::spawn(http_server::serve(listener, app, limits, rx));
@@ -587,6 +609,7 @@ impl Server {
             background,
             followup_tasks,
             followup_stop,
+            relay,
         })
     }
 
@@ -606,6 +629,10 @@ impl Server {
         for t in self.followup_tasks.drain(..) {
             t.abort();
             let _ = t.await;
+        }
+        if let Some((stop, task)) = self.relay.take() {
+            let _ = stop.send(true);
+            let _ = task.await;
         }
         self.background.stop().await;
         if let Some(h) = self.http.take() {

@@ -325,6 +325,60 @@ const KEYS: &[Key] = &[
         alias_env: None,
         doc: "wait before the first retry; doubled per attempt, at most one hour",
     },
+    Key {
+        name: "freshplan.relay.enabled",
+        default: "false",
+        alias_env: None,
+        doc: "true: serve also runs the NATS JetStream relay (one active per database, others stand by)",
+    },
+    Key {
+        name: "freshplan.relay.nats-url",
+        default: "\"nats://127.0.0.1:4222\"",
+        alias_env: None,
+        doc: "NATS server(s) of the relay, comma-separated",
+    },
+    Key {
+        name: "freshplan.relay.stream",
+        default: "\"FRESHPLAN_LEADS\"",
+        alias_env: None,
+        doc: "JetStream stream the relay creates or updates at start (subjects freshplan.leads.>)",
+    },
+    Key {
+        name: "freshplan.relay.max-age-hours",
+        default: "168",
+        alias_env: None,
+        doc: "how long the stream keeps a message (limits retention)",
+    },
+    Key {
+        name: "freshplan.relay.duplicate-window-seconds",
+        default: "120",
+        alias_env: None,
+        doc: "JetStream dedupe window by Nats-Msg-Id; must exceed twice the ack timeout",
+    },
+    Key {
+        name: "freshplan.relay.replicas",
+        default: "1",
+        alias_env: None,
+        doc: "stream replicas (1 on a single server, 3 in a cluster)",
+    },
+    Key {
+        name: "freshplan.relay.batch-size",
+        default: "256",
+        alias_env: None,
+        doc: "outbox rows published per batch (publishes pipelined, then all acks awaited)",
+    },
+    Key {
+        name: "freshplan.relay.ack-timeout-ms",
+        default: "5000",
+        alias_env: None,
+        doc: "wait for a publish ack (and JetStream API answers) before the batch is retried",
+    },
+    Key {
+        name: "freshplan.relay.poll-interval-ms",
+        default: "100",
+        alias_env: None,
+        doc: "idle poll of the outbox, and how often a standby relay tries to take over",
+    },
 ];
 
 /// Errors that name the offending key.
@@ -504,6 +558,21 @@ pub struct MailSettings {
     pub backoff_ms: u64,
 }
 
+/// The outbox → NATS JetStream relay (`freshplan.relay.*`, see `events::relay`).
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    /// `freshplan.relay.enabled`: run the relay inside `serve`.
+    pub enabled: bool,
+    pub nats_url: String,
+    pub stream: String,
+    pub max_age_hours: u64,
+    pub duplicate_window_seconds: u64,
+    pub replicas: usize,
+    pub batch_size: i64,
+    pub ack_timeout_ms: u64,
+    pub poll_interval_ms: u64,
+}
+
 /// Validated settings of one instance.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -535,6 +604,7 @@ pub struct Settings {
     pub header_timeout_seconds: u64,
     pub followup: FollowupSettings,
     pub mail: MailSettings,
+    pub relay: RelaySettings,
 }
 
 /// Environment variable that overrides a dotted key.
@@ -742,9 +812,82 @@ impl Settings {
                 max_attempts: get(f, "freshplan.mail.max-attempts")?,
                 backoff_ms: get(f, "freshplan.mail.backoff-ms")?,
             },
+            relay: RelaySettings {
+                enabled: get(f, "freshplan.relay.enabled")?,
+                nats_url: get(f, "freshplan.relay.nats-url")?,
+                stream: get(f, "freshplan.relay.stream")?,
+                max_age_hours: get(f, "freshplan.relay.max-age-hours")?,
+                duplicate_window_seconds: get(f, "freshplan.relay.duplicate-window-seconds")?,
+                replicas: get(f, "freshplan.relay.replicas")?,
+                batch_size: get(f, "freshplan.relay.batch-size")?,
+                ack_timeout_ms: get(f, "freshplan.relay.ack-timeout-ms")?,
+                poll_interval_ms: get(f, "freshplan.relay.poll-interval-ms")?,
+            },
         };
         settings.validate()?;
         Ok(settings)
+    }
+
+    fn validate_relay(&self) -> Result<(), ConfigError> {
+        let r = &self.relay;
+        let stream_ok = !r.stream.is_empty()
+            && r.stream
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !stream_ok {
+            return Err(invalid(
+                "freshplan.relay.stream",
+                "must be a non-empty name of letters, digits, `_` or `-` (no dots or spaces)",
+            ));
+        }
+        if r.nats_url.trim().is_empty() {
+            return Err(invalid("freshplan.relay.nats-url", "must not be empty"));
+        }
+        if !(1..=5).contains(&r.replicas) {
+            return Err(invalid(
+                "freshplan.relay.replicas",
+                "must be between 1 and 5",
+            ));
+        }
+        if !(1..=10_000).contains(&r.batch_size) {
+            return Err(invalid(
+                "freshplan.relay.batch-size",
+                "must be between 1 and 10000",
+            ));
+        }
+        if r.ack_timeout_ms < 100 {
+            return Err(invalid(
+                "freshplan.relay.ack-timeout-ms",
+                "must be at least 100",
+            ));
+        }
+        if r.poll_interval_ms < 10 {
+            return Err(invalid(
+                "freshplan.relay.poll-interval-ms",
+                "must be at least 10",
+            ));
+        }
+        if r.max_age_hours < 1 {
+            return Err(invalid(
+                "freshplan.relay.max-age-hours",
+                "must be at least 1",
+            ));
+        }
+        // A batch is republished after a crash at most one ack timeout (plus a commit) after it
+        // was first sent; JetStream must still remember its ids then.
+        if r.duplicate_window_seconds.saturating_mul(1000) < r.ack_timeout_ms.saturating_mul(2) {
+            return Err(invalid(
+                "freshplan.relay.duplicate-window-seconds",
+                "must cover at least twice freshplan.relay.ack-timeout-ms (see docs/relay.md)",
+            ));
+        }
+        if r.duplicate_window_seconds > r.max_age_hours.saturating_mul(3600) {
+            return Err(invalid(
+                "freshplan.relay.duplicate-window-seconds",
+                "must not exceed freshplan.relay.max-age-hours (JetStream refuses it)",
+            ));
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -754,6 +897,7 @@ impl Settings {
                 "must be between 1 and 512",
             ));
         }
+        self.validate_relay()?;
         if self.events.poll_interval_ms < 10 {
             return Err(invalid(
                 "freshplan.events.poll-interval-ms",
@@ -1193,5 +1337,26 @@ mod tests {
             let err = load(None, &[(key, value)]).unwrap_err();
             assert!(err.to_string().contains(named), "{key}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn the_relay_is_off_by_default_and_its_dedupe_window_must_cover_a_republish() {
+        let s = load(None, &[]).unwrap();
+        assert!(!s.relay.enabled);
+        assert_eq!(s.relay.stream, "FRESHPLAN_LEADS");
+        let err = load(
+            None,
+            &[
+                ("FRESHPLAN_RELAY_DUPLICATE_WINDOW_SECONDS", "5"),
+                ("FRESHPLAN_RELAY_ACK_TIMEOUT_MS", "5000"),
+            ],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("duplicate-window-seconds"),
+            "{err}"
+        );
+        let err = load(None, &[("FRESHPLAN_RELAY_STREAM", "freshplan.leads")]).unwrap_err();
+        assert!(err.to_string().contains("freshplan.relay.stream"), "{err}");
     }
 }

@@ -1,4 +1,4 @@
-//! `freshplan`: the command line (serve, migrate, seed, token, users, keys, loadtest).
+//! `freshplan`: the command line (serve, migrate, seed, token, users, keys, relay, loadtest).
 
 use std::path::{Path, PathBuf};
 
@@ -87,6 +87,16 @@ enum Command {
     Followups {
         #[command(subcommand)]
         command: FollowupsCommand,
+    },
+    /// Relay committed events from the outbox into NATS JetStream (one active relay per
+    /// database; more wait as hot standby). See docs/relay.md.
+    Relay {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Serve `/q/metrics` and `/q/health/ready` of the relay on this address (e.g.
+        /// 127.0.0.1:9091; port 0 picks a free one, logged as "relay metrics listening").
+        #[arg(long)]
+        metrics_bind: Option<String>,
     },
     /// PII key management.
     Keys {
@@ -245,6 +255,63 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term.recv() => {},
     }
+}
+
+/// `freshplan relay`: the relay alone, until SIGTERM or Ctrl-C.
+async fn relay(config: Option<&Path>, metrics_bind: Option<&str>) -> anyhow::Result<()> {
+    use axum::routing::get;
+    use freshplan::events::relay::Relay;
+    use freshplan::telemetry::metrics::Metrics;
+    use std::sync::Arc;
+
+    let settings = Settings::load(config)?;
+    settings.refuse_development_switches()?;
+    let metrics = Arc::new(Metrics::new());
+    let relay = Relay::new(&settings.database_url, &settings.relay, metrics.clone());
+    let health = relay.health.clone();
+    let http = match metrics_bind {
+        Some(bind) => {
+            let listener = tokio::net::TcpListener::bind(bind)
+                .await
+                .with_context(|| format!("cannot bind {bind}"))?;
+            let addr = listener.local_addr()?;
+            let ready = move || {
+                let state = health.get();
+                let up = state != freshplan::events::relay::RelayState::Down;
+                let word = if up { "UP" } else { "DOWN" };
+                let code = if up {
+                    axum::http::StatusCode::OK
+                } else {
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                };
+                let body = serde_json::json!({"status": word, "checks": [
+                    {"name": "relay", "status": word, "data": {"state": state.as_str()}}]});
+                async move { (code, axum::Json(body)) }
+            };
+            let app = axum::Router::new()
+                .route(
+                    "/q/metrics",
+                    get(telemetry::metrics::metrics_endpoint).with_state(metrics.clone()),
+                )
+                .route("/q/health/ready", get(ready))
+                .route("/q/health/live", get(telemetry::health::live));
+            tracing::info!(%addr, "relay metrics listening");
+            Some(tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            }))
+        }
+        None => None,
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(relay.run(stopped));
+    shutdown_signal().await;
+    tracing::info!("relay shutting down");
+    let _ = stop.send(true);
+    let _ = task.await;
+    if let Some(http) = http {
+        http.abort();
+    }
+    Ok(())
 }
 
 async fn serve(
@@ -437,6 +504,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Users { command } => run_users(command).await,
+        Command::Relay {
+            config,
+            metrics_bind,
+        } => relay(config.as_deref(), metrics_bind.as_deref()).await,
         Command::Loadtest(args) => {
             freshplan::loadtest::run_command(*args, &demo_secret_file()).await
         }

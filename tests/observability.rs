@@ -776,11 +776,17 @@ async fn prometheus_fires_the_listener_alert_while_the_database_refuses_the_list
 
 /// Panels that may legitimately return no data here, and why. Every other panel query must
 /// return at least one series.
-const MAY_BE_EMPTY: &[(&str, &str)] = &[(
-    "Server errors by route",
-    "data only once some request answered 5xx (here: readiness polls answered 503 until the \
-     listener was live); a status series appears with its first request",
-)];
+const MAY_BE_EMPTY: &[(&str, &str)] = &[
+    (
+        "Server errors by route",
+        "data only once some request answered 5xx (here: readiness polls answered 503 until the \
+         listener was live); a status series appears with its first request",
+    ),
+    (
+        "Relay state",
+        "only processes that run the NATS relay export freshplan_relay_state (off here)",
+    ),
+];
 
 /// Variables whose values may be empty here (none: `territory` reads
 /// `leads_followup_sent_total`, whose series exist from the start).

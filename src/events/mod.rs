@@ -10,6 +10,7 @@ pub mod envelope;
 pub mod hub;
 pub mod listener;
 pub mod outbox;
+pub mod relay;
 pub mod retention;
 pub mod sse;
 

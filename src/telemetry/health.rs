@@ -9,6 +9,8 @@ use axum::Json;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
+use crate::events::relay::{RelayHealth, RelayState};
+
 /// State of this instance's event listener, shared with the `lead-event-handler` check and
 /// mirrored in the `freshplan_listener_connected` gauge.
 #[derive(Debug)]
@@ -92,18 +94,26 @@ impl ListenerHealth {
 pub struct HealthState {
     pub probe: PgPool,
     pub listener: Arc<ListenerHealth>,
+    pub relay: RelayCheck,
 }
+
+/// The NATS relay's state when it runs in this process (`freshplan.relay.enabled`); readiness
+/// then has a `relay` check, DOWN while the relay can reach neither NATS nor the database.
+#[derive(Clone, Default)]
+pub struct RelayCheck(pub Option<Arc<RelayHealth>>);
 
 impl<S> FromRef<S> for HealthState
 where
     S: Send + Sync,
     Arc<ListenerHealth>: FromRef<S>,
     ProbePool: FromRef<S>,
+    RelayCheck: FromRef<S>,
 {
     fn from_ref(state: &S) -> Self {
         HealthState {
             probe: ProbePool::from_ref(state).0,
             listener: Arc::<ListenerHealth>::from_ref(state),
+            relay: RelayCheck::from_ref(state),
         }
     }
 }
@@ -118,7 +128,8 @@ pub struct ProbePool(pub PgPool);
 #[allow(dead_code)]
 pub struct HealthDoc {
     status: UpDown,
-    /// `database` and `lead-event-handler` (readiness); none for liveness.
+    /// `database` and `lead-event-handler` (readiness), and `relay` when the NATS relay runs in
+    /// the instance (`freshplan.relay.enabled`); none for liveness.
     checks: Vec<HealthCheckDoc>,
 }
 
@@ -133,6 +144,7 @@ pub struct HealthCheckDoc {
     /// "outboxLagSeconds": "<age of the oldest event the durable cursor has not passed>",
     /// "unsettledRows": "<rows handled ahead of the cursor>"}`; a lag alone (a long transaction
     /// holds the cursor back) does not make the check DOWN.
+    /// `relay`: `{"state": "active" | "standby" | "down"}` (DOWN only when `down`).
     #[schema(required = false)]
     data: std::collections::HashMap<String, String>,
 }
@@ -156,7 +168,7 @@ pub async fn live() -> Json<Value> {
 /// Readiness: database reachable and the listener live (or deliberately disabled).
 #[utoipa::path(get, path = "/q/health/ready", tag = "operations", security(()),
     responses((status = 200, description = "UP: checks `database` and `lead-event-handler`", body = HealthDoc),
-        (status = 503, description = "DOWN: database unreachable, or the listener disconnected or catching up", body = HealthDoc)))]
+        (status = 503, description = "DOWN: database unreachable, the listener disconnected or catching up, or the enabled NATS relay down", body = HealthDoc)))]
 pub async fn ready(State(health): State<HealthState>) -> (StatusCode, Json<Value>) {
     let db_up = tokio::time::timeout(
         std::time::Duration::from_secs(2),
@@ -174,18 +186,25 @@ pub async fn ready(State(health): State<HealthState>) -> (StatusCode, Json<Value
         ListenerState::Live => "live",
         ListenerState::Disabled => "disabled",
     };
-    let up = db_up && listener_up;
-    let body = json!({
-        "status": word(up),
-        "checks": [
-            {"name": "database", "status": word(db_up)},
-            {"name": "lead-event-handler", "status": word(listener_up), "data": {
-                "state": state_name,
-                "outboxLagSeconds": format!("{:.1}", health.listener.lag_ms.load(Ordering::SeqCst) as f64 / 1000.0),
-                "unsettledRows": health.listener.unsettled().to_string(),
-            }},
-        ]
-    });
+    let mut up = db_up && listener_up;
+    let mut checks = vec![
+        json!({"name": "database", "status": word(db_up)}),
+        json!({"name": "lead-event-handler", "status": word(listener_up), "data": {
+            "state": state_name,
+            "outboxLagSeconds": format!("{:.1}", health.listener.lag_ms.load(Ordering::SeqCst) as f64 / 1000.0),
+            "unsettledRows": health.listener.unsettled().to_string(),
+        }}),
+    ];
+    if let Some(relay) = &health.relay.0 {
+        // A standby is ready: it can reach NATS and takes over when the active relay goes.
+        let state = relay.get();
+        let relay_up = state != RelayState::Down;
+        up &= relay_up;
+        checks.push(
+            json!({"name": "relay", "status": word(relay_up), "data": {"state": state.as_str()}}),
+        );
+    }
+    let body = json!({"status": word(up), "checks": checks});
     (
         if up {
             StatusCode::OK

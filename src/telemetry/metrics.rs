@@ -9,8 +9,8 @@ use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::error::ApiError;
@@ -52,7 +52,30 @@ pub struct Metrics {
     /// `freshplan_followup_queue_size{type}`: mails `pending` (queued, waiting or backing off)
     /// and `processing` (being delivered).
     pub followup_queue: IntGaugeVec,
+    /// `freshplan_relay_state`: 1 active, 0 standby, -1 down (NATS or database unreachable).
+    pub relay_state: IntGauge,
+    /// `freshplan_relay_lag_seconds`: age of the oldest committed event not yet in the stream.
+    pub relay_lag_seconds: Gauge,
+    /// `freshplan_relay_lag_events`: committed events not yet in the stream.
+    pub relay_lag_events: IntGauge,
+    /// `freshplan_relay_published_total{result}`: `published`, `duplicate` (JetStream already
+    /// had the id), `denied` (not a valid event, skipped), `failure` (no ack; retried).
+    pub relay_published: IntCounterVec,
+    /// `freshplan_relay_publish_latency_seconds`: publish sent → ack received.
+    pub relay_publish_latency: Histogram,
+    /// `freshplan_relay_retries_total`: relay sessions that ended in an error and were retried.
+    pub relay_retries: IntCounter,
 }
+
+/// `freshplan_relay_state` of a relay that cannot reach NATS or the database.
+const RELAY_DOWN: i64 = -1;
+
+/// Publish → ack buckets (seconds; a new metric, so base units as promtool wants): a local
+/// JetStream acks in well under 5 ms; the upper buckets show a slow or replicated stream, the
+/// last ones an ack timeout.
+pub const RELAY_PUBLISH_BUCKETS_SECONDS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+];
 
 /// Follow-up batch duration buckets (milliseconds).
 pub const FOLLOWUP_BATCH_BUCKETS_MS: &[f64] = &[
@@ -186,6 +209,43 @@ impl Metrics {
             ),
             &["type"]
         ));
+        // Registered only by a process that runs the relay (`expose_relay_state`): an instance
+        // without it exports no state, so "no relay active" alerts only where a relay runs.
+        let relay_state = IntGauge::new(
+            "freshplan_relay_state",
+            "NATS relay of this process: 1 active (holds the relay lock), 0 standby, -1 down (NATS or database unreachable)",
+        )
+        .expect("metric definitions are static and valid");
+        let relay_lag_seconds = reg!(Gauge::new(
+            "freshplan_relay_lag_seconds",
+            "Age of the oldest committed outbox event not yet acknowledged by JetStream (set by the active relay)"
+        ));
+        let relay_lag_events = reg!(IntGauge::new(
+            "freshplan_relay_lag_events",
+            "Committed outbox events not yet acknowledged by JetStream (set by the active relay)"
+        ));
+        let relay_published = reg!(IntCounterVec::new(
+            Opts::new(
+                "freshplan_relay_published_total",
+                "Outbox events sent to JetStream by result: published, duplicate (already in the stream), denied (invalid row, skipped), failure (retried)"
+            ),
+            &["result"]
+        ));
+        let relay_publish_latency = reg!(Histogram::with_opts(
+            HistogramOpts::new(
+                "freshplan_relay_publish_latency_seconds",
+                "Time from sending a publish to JetStream until its ack"
+            )
+            .buckets(RELAY_PUBLISH_BUCKETS_SECONDS.to_vec())
+        ));
+        let relay_retries = reg!(IntCounter::new(
+            "freshplan_relay_retries_total",
+            "Relay sessions that failed (NATS or database error) and were retried after a backoff"
+        ));
+        for result in ["published", "duplicate", "denied", "failure"] {
+            relay_published.with_label_values(&[result]).inc_by(0);
+        }
+        relay_state.set(RELAY_DOWN);
         // Exported from the start, so dashboards and alerts see 0 rather than no series (and a
         // rate() over the first increase is not lost).
         active_widgets.with_label_values(&["sse"]).set(0);
@@ -205,6 +265,12 @@ impl Metrics {
             }
         }
         Metrics {
+            relay_state,
+            relay_lag_seconds,
+            relay_lag_events,
+            relay_published,
+            relay_publish_latency,
+            relay_retries,
             followup_sent,
             followup_automated,
             followup_batch_duration,
@@ -225,6 +291,13 @@ impl Metrics {
             dedupe_hit_rate,
             outbox_lag,
         }
+    }
+
+    /// Exports `freshplan_relay_state` (at -1, down, until the relay reports): called once the
+    /// process runs the relay; later calls do nothing.
+    pub fn expose_relay_state(&self) {
+        // AlreadyReg on a second call is the "nothing to do" case.
+        let _ = self.registry.register(Box::new(self.relay_state.clone()));
     }
 
     /// Prometheus text exposition.
