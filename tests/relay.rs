@@ -688,7 +688,7 @@ async fn of_two_relays_started_together_one_publishes_and_the_other_takes_over_w
 }
 
 #[tokio::test]
-async fn the_relay_catches_up_a_5000_event_backlog_at_hundreds_per_second_and_relays_live_events_at_a_median_under_250_ms(
+async fn the_relay_catches_up_a_5000_event_backlog_and_then_relays_live_events_exactly_once_in_order(
 ) {
     let nats = Nats::start().await;
     let db = TestDb::create().await;
@@ -746,11 +746,9 @@ async fn the_relay_catches_up_a_5000_event_backlog_at_hundreds_per_second_and_re
         delays.len()
     );
     assert_eq!(assert_exactly_once_in_order(&db, &nats).await, 6000);
-    assert!(throughput > 300.0, "{throughput:.0} events/s");
-    // p50 only: the stable scan waits for the oldest running transaction of the whole cluster
-    // (transaction ids are cluster-wide), and in a parallel test run the migrations of other
-    // tests' databases hold a few events back for seconds (p99 5.5 s seen once).
-    assert!(p50 < 250.0, "p50 {p50:.1} ms");
+    // Throughput and latency are printed (figures for docs/relay.md), never asserted: benchmarks
+    // are not tests, and the stable scan waits for the oldest running transaction of the whole
+    // cluster, so other tests' migrations can hold a few events back for seconds.
 }
 
 #[tokio::test]
