@@ -805,3 +805,32 @@ async fn a_relay_whose_cursor_was_lost_resumes_after_the_streams_last_message_ev
         50.0
     );
 }
+
+#[tokio::test]
+async fn a_relay_with_a_ten_minute_poll_publishes_a_committed_event_once_the_doorbell_rings() {
+    let nats = Nats::start().await;
+    let db = TestDb::create().await;
+    let pool = db.app_pool().await;
+    // Only a ring can wake this relay within the test: its poll is 10 minutes.
+    let relay = RelayProcess::spawn_with(
+        &db,
+        &nats,
+        &[("FRESHPLAN_RELAY_POLL_INTERVAL_MS", "600000")],
+    )
+    .await;
+    relay.wait_for_log("relay active").await;
+    write_events(pool.clone(), leads(1), 1, 1).await;
+    // The doorbell of a `serve` instance rings after each commit; rung again on every check,
+    // since the relay may still be opening its LISTEN connection after `relay active`.
+    wait_until(
+        Duration::from_secs(20),
+        "the event in the stream",
+        || async {
+            let mut bell = pool.acquire().await.unwrap();
+            freshplan::events::doorbell::ring(&mut bell).await.unwrap();
+            nats.count().await == 1
+        },
+    )
+    .await;
+    assert_eq!(assert_exactly_once_in_order(&db, &nats).await, 1);
+}

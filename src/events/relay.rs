@@ -55,11 +55,13 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, stream};
 use async_nats::{HeaderMap, ServerAddr};
 use chrono::{DateTime, Utc};
+use sqlx::postgres::PgListener;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::consumer::authorize;
+use super::listener::CHANNEL;
 use super::outbox::{self, Cursor, OutboxRow};
 use crate::config::RelaySettings;
 use crate::db;
@@ -75,6 +77,10 @@ pub const LOCK_APPLICATION_NAME: &str = "freshplan-relay";
 
 /// `application_name` of the relay's scan-and-cursor connection.
 pub const SCAN_APPLICATION_NAME: &str = "freshplan-relay-scan";
+
+/// `application_name` of the active relay's LISTEN connection: the doorbell's ring on
+/// `dashboard_updates` after a commit wakes the relay at once instead of at its next poll.
+pub const WAKE_APPLICATION_NAME: &str = "freshplan-relay-wake";
 
 /// Key of the session advisory lock (`pg_try_advisory_lock`) that makes one relay active per
 /// database: "fp-relay" in ASCII.
@@ -340,14 +346,17 @@ impl Relay {
             .max_lifetime(None)
             .idle_timeout(None)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options.application_name(SCAN_APPLICATION_NAME))
+            .connect_with(options.clone().application_name(SCAN_APPLICATION_NAME))
             .await
             .context("connecting the relay's scan connection")?;
         let result = async {
             if !self.acquire(&mut lock, &nats, stop).await? {
                 return Ok(());
             }
-            self.publish_loop(&mut lock, &scan, &nats, stop).await
+            let (wake, reader) = listen(options.clone()).await?;
+            let result = self.publish_loop(&mut lock, &scan, &nats, wake, stop).await;
+            reader.abort();
+            result
         }
         .await;
         scan.close().await;
@@ -435,6 +444,7 @@ impl Relay {
         lock: &mut PgConnection,
         scan: &PgPool,
         nats: &Nats,
+        mut wake: mpsc::Receiver<()>,
         stop: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let mut cursor = self.start_cursor(scan, nats).await?;
@@ -468,8 +478,15 @@ impl Relay {
                 lag_refreshed = Some(Instant::now());
             }
             nats_connected(nats)?;
+            // Woken by the doorbell's ring after a commit, or by the poll (commits of writers
+            // that do not ring, a ring lost while the LISTEN connection reconnected).
             tokio::select! {
                 _ = tokio::time::sleep(self.poll()) => {}
+                rang = wake.recv() => {
+                    if rang.is_none() {
+                        anyhow::bail!("the relay's LISTEN connection was lost");
+                    }
+                }
                 _ = stop.changed() => return Ok(()),
             }
             check_lock(lock).await?;
@@ -569,6 +586,40 @@ impl Relay {
         self.metrics.relay_lag_seconds.set(age);
         Ok(())
     }
+}
+
+/// LISTENs on `dashboard_updates` on a connection of its own; every ring becomes at most one
+/// pending wake-up (rings while one is pending are coalesced). A receive cancelled halfway could
+/// lose protocol state, so a task of its own reads the connection; the channel closes when the
+/// connection is gone.
+async fn listen(
+    options: PgConnectOptions,
+) -> anyhow::Result<(mpsc::Receiver<()>, tokio::task::JoinHandle<()>)> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options.application_name(WAKE_APPLICATION_NAME))
+        .await
+        .context("connecting the relay's LISTEN connection")?;
+    let mut listener = PgListener::connect_with(&pool)
+        .await
+        .context("connecting the relay's LISTEN connection")?;
+    listener.eager_reconnect(false);
+    listener
+        .listen(CHANNEL)
+        .await
+        .context("LISTEN dashboard_updates (relay)")?;
+    let (tx, rx) = mpsc::channel::<()>(1);
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(_)) = listener.try_recv().await {
+            let _ = tx.try_send(());
+        }
+        drop(listener);
+        pool.close().await;
+    });
+    Ok((rx, reader))
 }
 
 fn nats_connected(nats: &Nats) -> anyhow::Result<()> {

@@ -178,6 +178,7 @@ mod tests {
             position,
             key: Uuid::new_v4(),
             event_type: "dashboard.activity_logged".into(),
+            created_unix_us: 0,
             audience: Audience {
                 territory: t,
                 owner: Some(owner.into()),

@@ -98,6 +98,12 @@ pub struct Args {
     /// Seed of the command mix.
     #[arg(long, default_value_t = 12)]
     pub seed: u64,
+    /// Follow the relay's JetStream stream at this NATS URL (e.g. nats://127.0.0.1:4222) and
+    /// report the relay beside the SSE path: events in the stream, lost, duplicated, commit →
+    /// stream and end to end. The relay itself (`freshplan relay`, or `serve` with
+    /// freshplan.relay.enabled) must be running; its stream is freshplan.relay.stream.
+    #[arg(long)]
+    pub nats: Option<String>,
 }
 
 /// `90s`, `5m`, `1h`, `250ms` or plain seconds.
@@ -187,6 +193,8 @@ pub fn options(a: &Args, demo_secret_file: &Path) -> anyhow::Result<Options> {
     o.drain = a.drain;
     o.seed = a.seed;
     o.progress = true;
+    o.nats = a.nats.clone();
+    o.nats_stream = settings.relay.stream.clone();
     o.command_line = std::env::args()
         .map(|x| if x.contains(' ') { format!("'{x}'") } else { x })
         .collect::<Vec<_>>()
@@ -235,6 +243,14 @@ pub fn print_summary(r: &Report) {
         line("API (all commands)", all);
     }
     line("end to end (API call → SSE frame)", &s.end_to_end);
+    if let Some(r) = &s.relay {
+        println!(
+            "relay: {} of {} committed events in the stream, lost {}, duplicated {}",
+            r.in_stream, r.committed_events, r.lost, r.duplicates
+        );
+        line("relay: commit → stream", &r.commit_to_stream);
+        line("relay: end to end (API call → stream)", &r.end_to_end);
+    }
     line("service publish → notify", &s.service_publish_notify);
     line("service notify → processed", &s.service_notify_process);
     line("widget (client)", &s.widget_client);
@@ -270,6 +286,13 @@ pub async fn run_command(a: Args, demo_secret_file: &Path) -> anyhow::Result<()>
     }
     print_summary(&report);
     let s = &report.summary;
+    if let Some(r) = s.relay.as_ref().filter(|r| r.lost > 0 || r.duplicates > 0) {
+        bail!(
+            "relay: {} events missing from the stream, {} duplicated",
+            r.lost,
+            r.duplicates
+        );
+    }
     if s.lost > 0 || s.duplicates > 0 || s.failed > 0 {
         bail!(
             "{} lost, {} duplicated events, {} failed commands",

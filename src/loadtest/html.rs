@@ -498,6 +498,23 @@ pub fn render(r: &Report) -> String {
         &s.service_end_to_end,
         String::new(),
     ));
+    if let Some(relay) = &s.relay {
+        rows.push((
+            "relay: end to end: API call → JetStream message (client)".into(),
+            &relay.end_to_end,
+            String::new(),
+        ));
+        rows.push((
+            "relay: outbox created_at → stored in JetStream".into(),
+            &relay.commit_to_stream,
+            String::new(),
+        ));
+        rows.push((
+            "relay: publish → ack (relay buckets)".into(),
+            &relay.publish_ack,
+            String::new(),
+        ));
+    }
     rows.push(("widget (client)".into(), &s.widget_client, String::new()));
     rows.push((
         "widget hit (service buckets)".into(),
@@ -534,6 +551,42 @@ pub fn render(r: &Report) -> String {
         );
     }
     h.push_str("</table>");
+    if let Some(relay) = &s.relay {
+        let _ = write!(
+            h,
+            "<h3>Relay into NATS JetStream (beside the SSE path)</h3><p>{} of {} committed events in the stream \
+             ({:.0}/s over the service phases): <b>lost {}</b>, <b>duplicated {}</b>; the last event of a phase \
+             arrived at most {} s after its sending window ended.</p><table><tr><th>phase</th><th>rate</th>\
+             <th>in stream / committed</th><th>achieved /s</th><th>lost</th><th>dup</th><th>caught up after s</th>\
+             <th>commit → stream p50 / p95 / p99 ms</th><th>end to end p50 / p95 / p99 ms</th></tr>",
+            relay.in_stream,
+            relay.committed_events,
+            relay.achieved_rate,
+            relay.lost,
+            relay.duplicates,
+            f(relay.caught_up_after_s)
+        );
+        for p in &r.phases {
+            let Some(rp) = p.service.as_ref().and_then(|s| s.relay.as_ref()) else {
+                continue;
+            };
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{:.0}</td><td>{} / {}</td><td>{:.0}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                p.index,
+                p.rate,
+                rp.in_stream,
+                rp.committed_events,
+                rp.achieved_rate,
+                rp.lost,
+                rp.duplicates,
+                f(rp.caught_up_after_s),
+                esc(&super::report::triple(&rp.commit_to_stream)),
+                esc(&super::report::triple(&rp.end_to_end))
+            );
+        }
+        h.push_str("</table>");
+    }
     let c = &s.cpu;
     let _ = write!(
         h,

@@ -18,6 +18,7 @@ pub mod dbstats;
 pub mod driver;
 pub mod floor;
 pub mod html;
+pub mod jetstream;
 mod phases;
 pub mod procfs;
 pub mod report;
@@ -126,6 +127,10 @@ pub struct Options {
     pub command_line: String,
     /// Progress lines on stderr.
     pub progress: bool,
+    /// NATS URL: follow the relay's JetStream stream beside the SSE path.
+    pub nats: Option<String>,
+    /// The relay's stream (`freshplan.relay.stream`).
+    pub nats_stream: String,
 }
 
 impl Options {
@@ -152,6 +157,8 @@ impl Options {
             seed: 12,
             command_line: String::new(),
             progress: false,
+            nats: None,
+            nats_stream: "FRESHPLAN_LEADS".into(),
         }
     }
 }

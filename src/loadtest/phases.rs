@@ -11,7 +11,8 @@ use sqlx::PgConnection;
 
 use super::driver::{self, Driver};
 use super::floor::{self, Floor, FloorRecord};
-use super::report::{self, Cpu, FloorPhase, Phase, PhaseKind, Ratios, ServicePhase};
+use super::jetstream::{self, Watch};
+use super::report::{self, Cpu, FloorPhase, Phase, PhaseKind, Ratios, RelayPhase, ServicePhase};
 use super::sampler::{self, CpuSnapshot, Sampler};
 use super::scrape::{self, Buckets, Scrape};
 use super::setup::{self, Fleet};
@@ -45,6 +46,10 @@ pub(super) struct Run {
     pub(super) last_scrape: Option<Scrape>,
     pub(super) resyncs_before: u64,
     pub(super) first_position: i64,
+    /// The relay's stream, with `--nats`.
+    pub(super) relay: Option<Watch>,
+    /// Every phase's relay histograms merged: commit → stream, end to end.
+    pub(super) relay_all: Option<(Histogram<u64>, Histogram<u64>)>,
 }
 
 pub(super) fn say(opts: &Options, line: impl AsRef<str>) {
@@ -142,6 +147,7 @@ pub(super) struct ServiceSide {
     pub(super) end_to_end: Buckets,
     pub(super) widget_hit: Buckets,
     pub(super) widget_miss: Buckets,
+    pub(super) relay_publish_ack: Buckets,
     pub(super) http: BTreeMap<String, Buckets>,
 }
 
@@ -182,6 +188,8 @@ pub(super) fn service_side(before: &Scrape, after: &Scrape) -> ServiceSide {
         end_to_end: delta("freshplan_event_latency_ms", &path("end_to_end")),
         widget_hit: delta("freshplan_widget_query_ms", &cache("hit")),
         widget_miss: delta("freshplan_widget_query_ms", &cache("miss")),
+        relay_publish_ack: delta("freshplan_relay_publish_latency_seconds", &|_| true)
+            .scaled(1000.0),
         http,
     }
 }
@@ -257,6 +265,10 @@ impl Run {
             subscribers
                 .push(stream::open(stream_client.clone(), url, user, first_position, clock).await?);
         }
+        let relay = match &opts.nats {
+            Some(url) => Some(Watch::open(url, &opts.nats_stream, clock).await?),
+            None => None,
+        };
         let floor = if opts.baseline {
             Some(Arc::new(
                 Floor::start(&opts.database, opts.floor_connections, clock).await?,
@@ -298,6 +310,8 @@ impl Run {
                 last_scrape: None,
                 resyncs_before: 0,
                 first_position,
+                relay_all: relay.as_ref().map(|_| (histogram(), histogram())),
+                relay,
             },
             machine,
         ))
@@ -381,6 +395,7 @@ impl Run {
                     .collect();
                 analysis::all_delivered(committed, &views)
             };
+            let done = done && self.relay.as_ref().map_or(true, |r| r.has_all(committed));
             if done || tokio::time::Instant::now() >= deadline {
                 return;
             }
@@ -444,6 +459,26 @@ impl Run {
         };
         let api = analysis::api_latency(&writes);
         let ok = writes.iter().filter(|w| w.result.is_ok()).count() as u64;
+        let window = (end - start) as f64 / 1e6;
+        let relay = self.relay.as_ref().map(|watch| {
+            let d = jetstream::relay_delivery(&committed, &watch.seen(), &writes);
+            if let Some((c2s, e2e)) = self.relay_all.as_mut() {
+                merge(c2s, &d.commit_to_stream);
+                merge(e2e, &d.end_to_end);
+            }
+            RelayPhase {
+                committed_events: d.committed,
+                in_stream: d.in_stream,
+                lost: d.lost,
+                duplicates: d.duplicates,
+                lost_examples: d.lost_examples,
+                achieved_rate: (d.in_stream as f64 / window * 10.0).round() / 10.0,
+                caught_up_after_s: d.last_received_us.map(|t| seconds(t.saturating_sub(end))),
+                commit_to_stream: summarize(&d.commit_to_stream),
+                end_to_end: summarize(&d.end_to_end),
+                publish_ack: side.relay_publish_ack.summary(),
+            }
+        });
         let mut widget_client = histogram();
         let mut widget_errors = 0;
         for w in &widgets {
@@ -454,7 +489,6 @@ impl Run {
             }
         }
         merge(&mut self.e2e_all, &delivery.e2e);
-        let window = (end - start) as f64 / 1e6;
         let vs_floor = self.adjacent_floor_ratio(index, &summarize(&delivery.e2e), &api);
         let phase = ServicePhase {
             sent: writes.len() as u64,
@@ -501,6 +535,7 @@ impl Run {
                 .and_then(|(b, a)| dbstats::per_event(&b, &a, delivery.committed)),
             service_rss_peak_mib: self.sampler.peak_rss_kib(start, drained) as f64 / 1024.0,
             vs_floor,
+            relay,
         };
         say(
             &self.opts,
@@ -518,6 +553,21 @@ impl Run {
                 phase.cpu.machine_ms_per_event.unwrap_or(0.0)
             ),
         );
+        if let Some(r) = &phase.relay {
+            say(
+                &self.opts,
+                format!(
+                    "relay    {rate:>6.0}/s {window:>4.0} s: {} of {} events in the stream ({:.0}/s), lost {}, duplicated {}; commit → stream {}; end to end {}",
+                    r.in_stream,
+                    r.committed_events,
+                    r.achieved_rate,
+                    r.lost,
+                    r.duplicates,
+                    report::triple(&r.commit_to_stream),
+                    report::triple(&r.end_to_end)
+                ),
+            );
+        }
         self.e2e_samples.extend(delivery.e2e_samples);
         self.writes.extend(writes);
         self.widget_records.extend(widgets);

@@ -121,6 +121,32 @@ pub struct ServicePhase {
     pub service_rss_peak_mib: f64,
     /// Ratios to the floor phases right before and after this one.
     pub vs_floor: Option<Ratios>,
+    /// The relay into JetStream beside the SSE path (`--nats`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayPhase>,
+}
+
+/// The relay's figures of a service phase: the phase's committed events in the JetStream
+/// stream (`--nats`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayPhase {
+    pub committed_events: u64,
+    pub in_stream: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub lost_examples: Vec<String>,
+    /// Events in the stream per second of the sending window.
+    pub achieved_rate: f64,
+    /// Sending window's end → the phase's last event received from the stream (0 when the relay
+    /// kept up; how long it took to catch up otherwise).
+    pub caught_up_after_s: Option<f64>,
+    /// Outbox `created_at` (its transaction's start) → stored in JetStream.
+    pub commit_to_stream: Summary,
+    /// Intended start of the command → message received from the stream by the tool.
+    pub end_to_end: Summary,
+    /// The relay's own publish → ack histogram (`freshplan_relay_publish_latency_seconds`), when
+    /// a scraped URL serves it.
+    pub publish_ack: Summary,
 }
 
 /// Figures of a floor phase.
@@ -205,6 +231,9 @@ pub struct RunSummary {
     pub service_rss_hwm_mib: f64,
     /// `(percentile, ms)` per path, for the percentile chart.
     pub curves: BTreeMap<String, Vec<(f64, f64)>>,
+    /// The relay over all service phases (`--nats`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayPhase>,
 }
 
 /// `--find-max`: the steps and the highest rate held.
@@ -399,6 +428,49 @@ pub fn goals(r: &Report) -> Vec<Goal> {
                 .map(|f| f.highest_held.unwrap_or(0.0) >= 2500.0),
         ),
     });
+    if let Some(relay) = &s.relay {
+        // At 1,000 events/s (± 20 %), or the phases that ran when none did.
+        let at: Vec<&RelayPhase> = r
+            .phases
+            .iter()
+            .filter(|p| p.kind == PhaseKind::Service && (p.rate - 1000.0).abs() <= 200.0)
+            .filter_map(|p| p.service.as_ref()?.relay.as_ref())
+            .collect();
+        let p99 = at
+            .iter()
+            .filter_map(|p| p.commit_to_stream.p99_ms)
+            .fold(None, |m: Option<f64>, v| {
+                Some(m.map_or(v, |m: f64| m.max(v)))
+            });
+        // Kept up: every event of every phase in the stream, the last within 1 s of the end of
+        // the phase's sending window.
+        let kept_up = r
+            .phases
+            .iter()
+            .filter_map(|p| p.service.as_ref()?.relay.as_ref())
+            .all(|rp| rp.lost == 0 && rp.caught_up_after_s.map_or(true, |s| s <= 1.0));
+        out.push(Goal {
+            figure: "relay into JetStream: keeps up, commit → stream p99".into(),
+            goal: "keeps up (every event in the stream ≤ 1 s after each phase); p99 < 50 ms at 1,000 events/s".into(),
+            measured: format!(
+                "{} of {} events in the stream ({:.0}/s), lost {}, duplicated {}, caught up ≤ {} s after a phase; commit → stream {}{}",
+                relay.in_stream,
+                relay.committed_events,
+                relay.achieved_rate,
+                relay.lost,
+                relay.duplicates,
+                fmt(relay.caught_up_after_s),
+                triple(&relay.commit_to_stream),
+                match p99 {
+                    Some(v) => format!("; at 1,000/s p99 {v:.1} ms"),
+                    None => format!(" (not at 1,000/s; rates: {})", rates(r)),
+                }
+            ),
+            verdict: verdict(Some(
+                relay.lost == 0 && relay.duplicates == 0 && kept_up && p99.map_or(true, |v| v < 50.0),
+            )),
+        });
+    }
     let near_1000: Vec<&ServicePhase> = r
         .phases
         .iter()

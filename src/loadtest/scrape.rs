@@ -217,6 +217,18 @@ impl Buckets {
     }
 
     /// Percentiles in the report's shape (max = upper bound of the highest non-empty bucket).
+    /// The same observations in another unit (`1000.0`: seconds → ms).
+    pub fn scaled(&self, factor: f64) -> Buckets {
+        Buckets {
+            cumulative: self
+                .cumulative
+                .iter()
+                .map(|&(le, c)| (le * factor, c))
+                .collect(),
+            sum: self.sum * factor,
+        }
+    }
+
     pub fn summary(&self) -> Summary {
         let count = self.count();
         let round = |v: f64| (v * 1000.0).round() / 1000.0;

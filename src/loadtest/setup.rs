@@ -210,6 +210,8 @@ pub struct Committed {
     pub position: i64,
     pub key: Uuid,
     pub event_type: String,
+    /// The outbox row's `created_at` (its transaction's start), µs since the Unix epoch.
+    pub created_unix_us: i64,
     pub audience: Audience,
 }
 
@@ -219,11 +221,13 @@ pub async fn committed_between(
     after: i64,
     upto: i64,
 ) -> anyhow::Result<Vec<Committed>> {
-    type Row = (i64, Uuid, String, String, Option<String>, Vec<String>);
+    type Row = (i64, Uuid, String, i64, String, Option<String>, Vec<String>);
     let rows: Vec<Row> = as_admin(conn, move |c| {
         Box::pin(async move {
             sqlx::query_as(
-                "SELECT position, idempotency_key, event_type, territory, owner_user_id, collaborators \
+                "SELECT position, idempotency_key, event_type, \
+                        (extract(epoch FROM created_at) * 1000000)::bigint, \
+                        territory, owner_user_id, collaborators \
                  FROM outbox WHERE position > $1 AND position <= $2 ORDER BY position",
             )
             .bind(after)
@@ -235,7 +239,7 @@ pub async fn committed_between(
     .await?;
     rows.into_iter()
         .map(
-            |(position, key, event_type, territory, owner, collaborators)| {
+            |(position, key, event_type, created_unix_us, territory, owner, collaborators)| {
                 let territory = territory
                     .parse()
                     .map_err(|e| anyhow::anyhow!("outbox row {position}: {e}"))?;
@@ -243,6 +247,7 @@ pub async fn committed_between(
                     position,
                     key,
                     event_type,
+                    created_unix_us,
                     audience: Audience {
                         territory,
                         owner,

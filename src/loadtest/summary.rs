@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::phases::{ratios, service_side, Run};
-use super::report::{Cpu, Phase, PhaseKind, RunSummary, Second, ServicePhase};
+use super::report::{Cpu, Phase, PhaseKind, RelayPhase, RunSummary, Second, ServicePhase};
 use super::stats::{self, histogram, record, summarize, Summary};
 use super::{analysis, procfs, widget};
 
@@ -94,7 +94,45 @@ pub(super) fn summarize_run(run: &Run) -> RunSummary {
         curves.insert("service: widget hit".into(), side.widget_hit.curve());
         curves.insert("service: widget miss".into(), side.widget_miss.curve());
     }
+    if let Some((c2s, e2e)) = &run.relay_all {
+        curves.insert("relay: commit → stream".into(), stats::curve(c2s));
+        curves.insert("relay: end to end (client)".into(), stats::curve(e2e));
+    }
     curves.retain(|_, v| !v.is_empty());
+    let relay = run.relay_all.as_ref().map(|(c2s, e2e)| {
+        let phases: Vec<(&Phase, &RelayPhase)> = service
+            .iter()
+            .filter_map(|(p, s)| s.relay.as_ref().map(|r| (*p, r)))
+            .collect();
+        let in_stream: u64 = phases.iter().map(|(_, r)| r.in_stream).sum();
+        let mut lost_examples: Vec<String> = phases
+            .iter()
+            .flat_map(|(_, r)| r.lost_examples.iter().cloned())
+            .collect();
+        lost_examples.truncate(20);
+        RelayPhase {
+            committed_events: phases.iter().map(|(_, r)| r.committed_events).sum(),
+            in_stream,
+            lost: phases.iter().map(|(_, r)| r.lost).sum(),
+            duplicates: phases.iter().map(|(_, r)| r.duplicates).sum(),
+            lost_examples,
+            achieved_rate: if service_seconds > 0.0 {
+                (in_stream as f64 / service_seconds * 10.0).round() / 10.0
+            } else {
+                0.0
+            },
+            caught_up_after_s: phases
+                .iter()
+                .filter_map(|(_, r)| r.caught_up_after_s)
+                .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v)))),
+            commit_to_stream: summarize(c2s),
+            end_to_end: summarize(e2e),
+            publish_ack: side
+                .as_ref()
+                .map(|s| s.relay_publish_ack.summary())
+                .unwrap_or_default(),
+        }
+    });
     let duplicates = run
         .subscribers
         .iter()
@@ -152,6 +190,7 @@ pub(super) fn summarize_run(run: &Run) -> RunSummary {
         service_rss_peak_mib: run.sampler.peak_rss_kib(0, u64::MAX) as f64 / 1024.0,
         service_rss_hwm_mib: hwm as f64 / 1024.0,
         curves,
+        relay,
     }
 }
 
