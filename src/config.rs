@@ -377,7 +377,7 @@ const KEYS: &[Key] = &[
         name: "freshplan.relay.poll-interval-ms",
         default: "100",
         alias_env: None,
-        doc: "idle poll of the outbox, and how often a standby relay tries to take over",
+        doc: "fallback poll of the outbox (a commit's doorbell ring wakes the relay at once), and how often a standby relay tries to take over",
     },
 ];
 

@@ -1,22 +1,30 @@
 //! CI smoke run of `freshplan loadtest` (issue 12): the load tool's library entry point against
 //! an instance started in-process on a fresh database — 15 s at 200 events/s over nine load
 //! users, with six SSE subscribers, two widget readers and a short floor phase before and after.
-//! It checks delivery and correctness only: zero lost, zero duplicated, every command answered
-//! with success. Timings are benchmark goals (README "Performance"), never asserted here.
+//! The instance runs the relay into a `nats-server -js` of the test, and the tool follows its
+//! JetStream stream beside the SSE path (`--nats`). It checks delivery and correctness only:
+//! zero lost, zero duplicated on the SSE streams and in the stream, every command answered with
+//! success. Timings are benchmark goals (README "Performance"), never asserted here.
 
 mod common;
 
 use std::time::Duration;
 
+use common::nats::Nats;
 use common::*;
 use freshplan::loadtest::report::PhaseKind;
 use freshplan::loadtest::setup::Database;
 use freshplan::loadtest::{self, Options, Shape};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifteen_seconds_at_200_events_per_second_lose_and_duplicate_nothing_and_every_command_succeeds(
+async fn fifteen_seconds_at_200_events_per_second_lose_and_duplicate_nothing_on_the_sse_streams_or_in_the_relays_jetstream_stream(
 ) {
-    let app = TestApp::spawn().await;
+    let nats = Nats::start().await;
+    let app = TestApp::spawn_with(&[
+        ("FRESHPLAN_RELAY_ENABLED", "true"),
+        ("FRESHPLAN_RELAY_NATS_URL", &nats.url()),
+    ])
+    .await;
     let settings = app.db.settings(&[]);
     let database = Database {
         admin_url: admin_url(),
@@ -39,6 +47,7 @@ async fn fifteen_seconds_at_200_events_per_second_lose_and_duplicate_nothing_and
     opts.baseline = true;
     opts.floor = Duration::from_secs(2);
     opts.drain = Duration::from_secs(10);
+    opts.nats = Some(nats.url());
 
     let report = loadtest::run(opts).await.expect("the load test runs");
     let s = &report.summary;
@@ -113,6 +122,19 @@ async fn fifteen_seconds_at_200_events_per_second_lose_and_duplicate_nothing_and
         "the widget readers were answered"
     );
 
+    let relay = s.relay.as_ref().expect("the relay's stream was followed");
+    assert_eq!(
+        (relay.committed_events, relay.in_stream),
+        (3000, 3000),
+        "every committed event reached the JetStream stream: {:?}",
+        relay.lost_examples
+    );
+    assert_eq!(relay.duplicates, 0, "no event twice in the stream");
+    assert_eq!(
+        relay.end_to_end.count, 3000,
+        "an end to end sample per command's event in the stream"
+    );
+
     let dir = tempfile::tempdir().unwrap();
     loadtest::report::write(&report, dir.path()).unwrap();
     let json: serde_json::Value =
@@ -121,7 +143,9 @@ async fn fifteen_seconds_at_200_events_per_second_lose_and_duplicate_nothing_and
     assert_eq!(json["summary"]["lost"], 0);
     let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
     assert!(
-        html.contains("<svg") && !html.contains("<script"),
-        "self-contained charts"
+        html.contains("<svg")
+            && !html.contains("<script")
+            && html.contains("Relay into NATS JetStream"),
+        "self-contained charts, the relay beside the SSE path"
     );
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use common::nats::{Nats, STREAM};
 use common::{metric_in, wait_until, TestApp, TestDb};
 use freshplan::db;
 use freshplan::events::envelope::{self, Audience, EventType, NewEvent};
@@ -23,139 +24,10 @@ use futures::StreamExt;
 use rand::Rng;
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use tempfile::TempDir;
 use uuid::Uuid;
 
-const STREAM: &str = "FRESHPLAN_LEADS";
 /// Patience of a relay catching up (debug build, two busy cores).
 const CATCH_UP: Duration = Duration::from_secs(45);
-
-// ---- nats-server -------------------------------------------------------------------------
-
-/// A `nats-server -js` of this test: stopped on drop; restartable on the same port and store.
-struct Nats {
-    child: Option<Child>,
-    port: u16,
-    store: TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Nats {
-    async fn start() -> Nats {
-        let mut nats = Nats {
-            child: None,
-            port: free_port(),
-            store: tempfile::tempdir().unwrap(),
-        };
-        nats.spawn().await;
-        nats
-    }
-
-    async fn spawn(&mut self) {
-        let child = Command::new("nats-server")
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
-            .arg(self.store.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server is installed (Debian package nats-server; .ci/run installs it)");
-        self.child = Some(child);
-        let addr = format!("127.0.0.1:{}", self.port);
-        wait_until(
-            Duration::from_secs(10),
-            "nats-server accepts connections",
-            || {
-                let addr = addr.clone();
-                async move { tokio::net::TcpStream::connect(addr).await.is_ok() }
-            },
-        )
-        .await;
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Stops the server gracefully (SIGTERM: the store is flushed, as on a real restart).
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
-        }
-    }
-
-    async fn jetstream(&self) -> jetstream::Context {
-        jetstream::new(async_nats::connect(self.url()).await.unwrap())
-    }
-
-    /// Messages in the stream (0 while it does not exist).
-    async fn count(&self) -> u64 {
-        let Ok(client) = async_nats::connect(self.url()).await else {
-            return 0;
-        };
-        match jetstream::new(client).get_stream(STREAM).await {
-            Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
-            Err(_) => 0,
-        }
-    }
-
-    /// Every message of the stream, in stream order.
-    async fn messages(&self) -> Vec<Msg> {
-        let js = self.jetstream().await;
-        let mut stream = js.get_stream(STREAM).await.unwrap();
-        let info = stream.info().await.unwrap().clone();
-        assert_eq!(info.state.first_sequence.max(1), 1, "nothing expired");
-        let mut out = Vec::new();
-        for seq in 1..=info.state.last_sequence {
-            let m = stream.get_raw_message(seq).await.unwrap();
-            let msg_id = m
-                .headers
-                .get(async_nats::header::NATS_MESSAGE_ID)
-                .map(|v| v.as_str().to_string())
-                .unwrap_or_default();
-            out.push(Msg {
-                stored_micros: (m.time.unix_timestamp_nanos() / 1000) as i64,
-                subject: m.subject.to_string(),
-                msg_id,
-                envelope: serde_json::from_slice(&m.payload).unwrap(),
-            });
-        }
-        out
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// One stream message.
-struct Msg {
-    subject: String,
-    msg_id: String,
-    envelope: Value,
-    /// When JetStream stored it (µs since the epoch, server clock = this machine's).
-    stored_micros: i64,
-}
 
 // ---- the real `freshplan relay` binary -----------------------------------------------------
 

@@ -26,6 +26,9 @@ use super::driver::WriteRecord;
 use super::setup::Committed;
 use super::stats::{histogram, record, Clock};
 
+/// How long [`Watch::open`] waits for the relay to create its stream.
+const STREAM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// One event as the tool saw it in the stream.
 #[derive(Debug, Clone, Copy)]
 pub struct Arrival {
@@ -65,9 +68,22 @@ impl Watch {
             .await
             .with_context(|| format!("cannot connect to NATS at {url}"))?;
         let js = jetstream::new(client);
-        let stream = js.get_stream(stream).await.with_context(|| {
-            format!("no JetStream stream `{stream}` at {url}: is the relay running?")
-        })?;
+        // The relay creates its stream when it starts: give one that is starting a moment.
+        let deadline = tokio::time::Instant::now() + STREAM_PATIENCE;
+        let stream = loop {
+            match js.get_stream(stream).await {
+                Ok(s) => break s,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "no JetStream stream `{stream}` at {url} after {} s: is the relay running?",
+                            STREAM_PATIENCE.as_secs()
+                        )
+                    })
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            }
+        };
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
                 deliver_policy: consumer::DeliverPolicy::New,

@@ -3,6 +3,8 @@
 //! applies). Nothing is faked: real PostgreSQL, real HTTP.
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::collections::HashMap;
 
 use freshplan::app::{AppState, Server};
