@@ -188,6 +188,10 @@ fn unix_us() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
 
+/// A live write: key, intended start (µs on the clock), COMMIT answered (unix µs), write
+/// latency (µs).
+type Written = (Uuid, u64, i64, u64);
+
 struct Live {
     rate: f64,
     written: usize,
@@ -274,9 +278,7 @@ async fn run(db: &str) -> anyhow::Result<String> {
         let n = (rate * PHASE.as_secs_f64()) as usize;
         let period = 1e6 / rate;
         let start_us = clock.now_us() + 1000;
-        // (key, intended µs on the clock, commit answered: unix µs, write latency µs)
-        let records: Arc<Mutex<Vec<(Uuid, u64, i64, u64)>>> =
-            Arc::new(Mutex::new(Vec::with_capacity(n)));
+        let records: Arc<Mutex<Vec<Written>>> = Arc::new(Mutex::new(Vec::with_capacity(n)));
         let mut set = tokio::task::JoinSet::new();
         for i in 0..n {
             let intended = start_us + (i as f64 * period) as u64;
