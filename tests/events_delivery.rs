@@ -210,7 +210,7 @@ async fn the_same_envelope_delivered_twice_is_processed_once_even_across_a_resta
     let mut app = TestApp::spawn_with(&off).await;
     app.create_lead("sales-de-1", TestApp::lead_body("Kantine Nord"))
         .await;
-    let rows = outbox::fetch_fresh(&app.state().pool, 0, Cursor::default(), 100)
+    let rows = outbox::fetch_fresh(&app.db.system_pool().await, 0, Cursor::default(), 100)
         .await
         .unwrap();
     assert_eq!(rows.len(), 1);

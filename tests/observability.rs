@@ -193,7 +193,7 @@ async fn three_creates_two_status_changes_a_replayed_duplicate_and_a_denied_publ
 
     // Replay: the first lead's creation delivered once more to this instance's dispatcher, as a
     // redelivery would be.
-    let rows = outbox::fetch_fresh(&app.state().pool, 0, Cursor::default(), 100)
+    let rows = outbox::fetch_fresh(&app.db.system_pool().await, 0, Cursor::default(), 100)
         .await
         .unwrap();
     assert_eq!(rows.len(), 5, "three creations and two status changes");
@@ -908,7 +908,7 @@ async fn every_dashboard_query_runs_on_a_real_prometheus_and_all_but_the_5xx_pan
                 d.values().sum::<f64>() >= 2.0
             })
             .await;
-            let rows = outbox::fetch_fresh(&app.state().pool, 0, Cursor::default(), 1)
+            let rows = outbox::fetch_fresh(&app.db.system_pool().await, 0, Cursor::default(), 1)
                 .await
                 .unwrap();
             assert_eq!(

@@ -38,6 +38,51 @@ pub async fn connect(url: &str, size: u32, application_name: &str) -> anyhow::Re
         })
 }
 
+/// A pool of one detached connection that acts as the system principal for its whole session
+/// (the listener's and the relay's scan connections, never lent to a caller): a read on it is
+/// one statement, with no transaction needed to carry the identity. Transactions on it
+/// ([`begin_as`]) still set their own, transaction-local identity.
+#[derive(Clone, Debug)]
+pub struct SystemPool(PgPool);
+
+impl SystemPool {
+    /// Connects one connection with `options` and sets the system identity on its session.
+    pub async fn connect(options: PgConnectOptions) -> Result<SystemPool, sqlx::Error> {
+        PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    let p = Principal::system();
+                    sqlx::query(
+                        "SELECT set_config('app.user_id', $1, false), \
+                         set_config('app.role', $2, false), set_config('app.territory', $3, false)",
+                    )
+                    .bind(&p.user_id)
+                    .bind(p.role.as_str())
+                    .bind(p.territory.code())
+                    .execute(conn)
+                    .await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .map(SystemPool)
+    }
+
+    /// The pool itself (for transactions, which set their identity themselves).
+    pub fn pool(&self) -> &PgPool {
+        &self.0
+    }
+
+    pub async fn close(&self) {
+        self.0.close().await
+    }
+}
+
 /// Begins a transaction and sets the RLS identity with `set_config(…, true)`, so it is
 /// transaction-local and can never leak to the next user of the pooled connection.
 pub async fn begin_as(pool: &PgPool, p: &Principal) -> Result<Tx, sqlx::Error> {

@@ -66,6 +66,7 @@ use sqlx::PgPool;
 
 use super::consumer::Dispatcher;
 use super::outbox::{self, Cursor, OutboxRow};
+use crate::db::SystemPool;
 use crate::telemetry::health::{ListenerHealth, ListenerState};
 
 /// The doorbell channel.
@@ -79,6 +80,10 @@ pub const SCAN_APPLICATION_NAME: &str = "freshplan-listener-scan";
 
 /// Rows read per scan.
 pub const BATCH: i64 = 1000;
+
+/// How long a cursor advance over rows this instance had already handled may wait before it is
+/// written (see [`Scanner::handle`]).
+pub const CURSOR_FLUSH: Duration = Duration::from_millis(250);
 
 const BACKOFF_START: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
@@ -99,7 +104,7 @@ pub struct Listener {
 struct Scanner {
     dispatcher: Dispatcher,
     /// The listener's own scan-and-apply connection of the current session.
-    pool: Option<PgPool>,
+    pool: Option<SystemPool>,
     /// This instance's cursor; `None` until loaded from the database at the first session.
     cursor: Option<Cursor>,
     /// Highest position the fresh scan has read.
@@ -111,6 +116,10 @@ struct Scanner {
     /// Whether the bound was reached (logged once per episode).
     full: bool,
     health: Arc<ListenerHealth>,
+    /// A cursor this instance reached but has not written to `event_cursors` yet.
+    unwritten: Option<Cursor>,
+    /// When the durable cursor was last written.
+    cursor_written: Instant,
 }
 
 impl Scanner {
@@ -126,11 +135,24 @@ impl Scanner {
             .filter(|r| !self.handled.contains_key(&Cursor::at(r)))
             .cloned()
             .collect();
-        self.dispatcher.received(&todo);
-        self.dispatcher
-            .process(self.pool()?, &todo, received, advance_to)
-            .await
-            .context("consuming outbox rows")?;
+        if todo.is_empty() && advance_to.is_some() {
+            // The stable scan passing rows the fresh scan already applied: their inbox rows and
+            // effects are committed, so writing the cursor now would buy nothing but a
+            // transaction and a WAL flush per scan. It moves in memory and is written at most
+            // every `CURSOR_FLUSH` ([`Scanner::flush_cursor`]); a crash before that only makes
+            // the next start read those rows again, and the inbox answers `duplicate`.
+            self.unwritten = advance_to;
+        } else {
+            self.dispatcher.received(&todo);
+            self.dispatcher
+                .process(self.pool()?, &todo, received, advance_to)
+                .await
+                .context("consuming outbox rows")?;
+            if advance_to.is_some() {
+                self.unwritten = None;
+                self.cursor_written = Instant::now();
+            }
+        }
         self.handled
             .extend(todo.iter().map(|r| (Cursor::at(r), r.created_at)));
         if let Some(c) = advance_to {
@@ -144,7 +166,29 @@ impl Scanner {
         Ok(())
     }
 
+    /// Writes a cursor that moved in memory only, once `CURSOR_FLUSH` has passed since the last
+    /// write (or at once with `now`).
+    async fn flush_cursor(&mut self, now: bool) -> anyhow::Result<()> {
+        let Some(c) = self.unwritten else {
+            return Ok(());
+        };
+        if !now && self.cursor_written.elapsed() < CURSOR_FLUSH {
+            return Ok(());
+        }
+        self.dispatcher
+            .process(self.pool()?, &[], Instant::now(), Some(c))
+            .await
+            .context("advancing the durable cursor")?;
+        self.unwritten = None;
+        self.cursor_written = Instant::now();
+        Ok(())
+    }
+
     fn pool(&self) -> anyhow::Result<&PgPool> {
+        Ok(self.scan_pool()?.pool())
+    }
+
+    fn scan_pool(&self) -> anyhow::Result<&SystemPool> {
         self.pool.as_ref().context("the listener has no connection")
     }
 
@@ -154,7 +198,7 @@ impl Scanner {
 
     /// One stable batch; returns the number of rows read.
     async fn stable(&mut self) -> anyhow::Result<usize> {
-        let rows = outbox::fetch_stable(self.pool()?, self.cursor(), BATCH)
+        let rows = outbox::fetch_stable(self.scan_pool()?, self.cursor(), BATCH)
             .await
             .context("reading the outbox")?;
         let Some(last) = rows.last().map(Cursor::at) else {
@@ -186,7 +230,7 @@ impl Scanner {
         }
         self.full = false;
         let limit = BATCH.min(room as i64);
-        let rows = outbox::fetch_fresh(self.pool()?, self.high, self.cursor(), limit)
+        let rows = outbox::fetch_fresh(self.scan_pool()?, self.high, self.cursor(), limit)
             .await
             .context("reading the outbox")?;
         let Some(max) = rows.iter().map(|r| r.position).max() else {
@@ -201,6 +245,7 @@ impl Scanner {
     async fn drain(&mut self) -> anyhow::Result<()> {
         while self.stable().await? as i64 == BATCH {}
         while self.fresh().await? as i64 == BATCH {}
+        self.flush_cursor(false).await?;
         // Handled but not passed: the durable consumer's lag is the age of the oldest of them
         // (the first in cursor order, i.e. of the oldest transaction).
         let oldest = self.handled.values().next().copied();
@@ -224,6 +269,8 @@ impl Listener {
             handled: BTreeMap::new(),
             max_unsettled: self.max_unsettled.max(1),
             full: false,
+            unwritten: None,
+            cursor_written: Instant::now(),
             health: self.health.clone(),
         };
         let mut backoff = BACKOFF_START;
@@ -271,9 +318,10 @@ impl Listener {
         let pool = detached(APPLICATION_NAME)
             .await
             .context("connecting the listener")?;
-        let scan_pool = detached(SCAN_APPLICATION_NAME)
-            .await
-            .context("connecting the listener's scan connection")?;
+        let scan_pool =
+            SystemPool::connect(options.clone().application_name(SCAN_APPLICATION_NAME))
+                .await
+                .context("connecting the listener's scan connection")?;
         let mut listener = PgListener::connect_with(&pool)
             .await
             .context("connecting the listener")?;
@@ -337,7 +385,8 @@ impl Listener {
         loop {
             tokio::select! {
                 biased;
-                _ = stop.changed() => return Ok(()),
+                // A cursor that moved in memory only is written before the instance stops.
+                _ = stop.changed() => return scanner.flush_cursor(true).await,
                 ring = rings.recv() => {
                     if ring.is_none() {
                         anyhow::bail!("listener connection lost");
@@ -353,7 +402,7 @@ impl Listener {
                 }
             }
             if *stop.borrow() {
-                return Ok(());
+                return scanner.flush_cursor(true).await;
             }
             scanner.drain().await?;
         }

@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::envelope::NewEvent;
-use crate::db::{self, Tx};
+use crate::db::{self, SystemPool, Tx};
 use crate::identity::Principal;
 
 /// Inserts the event in the caller's transaction. Returns its outbox position, or `None` when an
@@ -103,15 +103,15 @@ impl Cursor {
 /// Rows after `after` with a position above `high`, matching `condition`, in `order`. The two
 /// scans differ only in those three: see [`fetch_stable`] and [`fetch_fresh`].
 async fn fetch_after(
-    pool: &PgPool,
+    pool: &SystemPool,
     after: Cursor,
     high: i64,
     condition: &str,
     order: &str,
     limit: i64,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    let mut tx = db::begin_as(pool, &Principal::system()).await?;
-    let rows = sqlx::query_as(&format!(
+    // One statement: the connection is the system principal for its whole session.
+    sqlx::query_as(&format!(
         "SELECT {ROW_COLUMNS} FROM outbox \
          WHERE (txid, position) > ($1::bigint::text::xid8, $2) AND position > $3 AND {condition} \
          ORDER BY {order} LIMIT $4"
@@ -120,16 +120,14 @@ async fn fetch_after(
     .bind(after.position)
     .bind(high)
     .bind(limit)
-    .fetch_all(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(rows)
+    .fetch_all(pool.pool())
+    .await
 }
 
 /// Reads up to `limit` rows after the cursor that belong to finished transactions, in cursor
 /// order (see `listener` for why this bound makes the cursor safe).
 pub async fn fetch_stable(
-    pool: &PgPool,
+    pool: &SystemPool,
     after: Cursor,
     limit: i64,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
@@ -141,7 +139,7 @@ pub async fn fetch_stable(
 /// Reads up to `limit` committed rows with a position above `high` that lie beyond the cursor,
 /// in position order: the low-latency path, which never moves a durable cursor.
 pub async fn fetch_fresh(
-    pool: &PgPool,
+    pool: &SystemPool,
     high: i64,
     after: Cursor,
     limit: i64,

@@ -57,14 +57,14 @@ use async_nats::{HeaderMap, ServerAddr};
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{Connection, PgConnection};
 use tokio::sync::{mpsc, watch};
 
 use super::consumer::authorize;
 use super::listener::CHANNEL;
 use super::outbox::{self, Cursor, OutboxRow};
 use crate::config::RelaySettings;
-use crate::db;
+use crate::db::{self, SystemPool};
 use crate::identity::Principal;
 use crate::telemetry::metrics::Metrics;
 
@@ -96,8 +96,10 @@ const BACKOFF_START: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// How often the active relay checks that it still holds its lock connection when busy.
 const LOCK_CHECK: Duration = Duration::from_secs(1);
-/// How often the lag gauges are refreshed while a backlog is being published.
+/// How often the lag gauges are measured (a batch that empties the backlog sets them to 0).
 const LAG_REFRESH: Duration = Duration::from_secs(1);
+/// How long the relay cursor in `event_cursors` may trail the published one.
+const CURSOR_FLUSH: Duration = Duration::from_millis(250);
 
 /// The subject token of a CloudEvents type: the `dashboard.` prefix dropped and any other dot
 /// turned into `_` (a token never contains a dot): `dashboard.lead_created` → `lead_created`.
@@ -341,12 +343,7 @@ impl Relay {
             PgConnection::connect_with(&options.clone().application_name(LOCK_APPLICATION_NAME))
                 .await
                 .context("connecting the relay's lock connection")?;
-        let scan = PgPoolOptions::new()
-            .max_connections(1)
-            .max_lifetime(None)
-            .idle_timeout(None)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options.clone().application_name(SCAN_APPLICATION_NAME))
+        let scan = SystemPool::connect(options.clone().application_name(SCAN_APPLICATION_NAME))
             .await
             .context("connecting the relay's scan connection")?;
         let result = async {
@@ -401,8 +398,8 @@ impl Relay {
 
     /// Where publishing resumes: the stored cursor, or the cursor of the stream's last message
     /// when that is ahead (published, but the cursor commit was lost).
-    async fn start_cursor(&self, scan: &PgPool, nats: &Nats) -> anyhow::Result<Cursor> {
-        let stored = outbox::load_min_cursor(scan, &[CONSUMER])
+    async fn start_cursor(&self, scan: &SystemPool, nats: &Nats) -> anyhow::Result<Cursor> {
+        let stored = outbox::load_min_cursor(scan.pool(), &[CONSUMER])
             .await
             .context("loading the relay cursor")?;
         let mut stream = nats.stream.clone();
@@ -442,55 +439,75 @@ impl Relay {
     async fn publish_loop(
         &self,
         lock: &mut PgConnection,
-        scan: &PgPool,
+        scan: &SystemPool,
         nats: &Nats,
         mut wake: mpsc::Receiver<()>,
         stop: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let mut cursor = self.start_cursor(scan, nats).await?;
+        // The cursor in `event_cursors` may trail the published one by up to `CURSOR_FLUSH`: a
+        // relay starting after a crash resumes after the stream's last message anyway (see
+        // `start_cursor`), so writing it after every batch would buy nothing but a transaction
+        // and a WAL flush per batch.
+        let mut written = cursor;
+        let mut cursor_written = Instant::now();
         let mut lock_checked = Instant::now();
         let mut lag_refreshed: Option<Instant> = None;
         loop {
             if *stop.borrow() {
+                if written != cursor {
+                    record_cursor(scan, cursor).await?;
+                }
                 return Ok(());
             }
             let rows = outbox::fetch_stable(scan, cursor, self.settings.batch_size)
                 .await
                 .context("reading the outbox")?;
-            // At most once a second while busy or idle (one index range count), and right after
-            // a batch that emptied the backlog, so the gauges reach 0 at once.
+            // At most once a second (one index range count), busy or idle.
             if lag_refreshed.map_or(true, |t| t.elapsed() >= LAG_REFRESH) {
                 self.refresh_lag(scan, cursor).await?;
                 lag_refreshed = Some(Instant::now());
             }
+            let full = rows.len() as i64 == self.settings.batch_size;
             if let Some(last) = rows.last().map(Cursor::at) {
                 self.publish_batch(nats, &rows).await?;
-                record_cursor(scan, last).await?;
                 cursor = last;
-                if lock_checked.elapsed() >= LOCK_CHECK {
-                    check_lock(lock).await?;
-                    lock_checked = Instant::now();
+                if !full {
+                    // Everything the stable scan could see is in the stream.
+                    self.metrics.relay_lag_events.set(0);
+                    self.metrics.relay_lag_seconds.set(0.0);
                 }
-                if rows.len() as i64 == self.settings.batch_size {
-                    continue;
-                }
-                self.refresh_lag(scan, cursor).await?;
-                lag_refreshed = Some(Instant::now());
+            }
+            if written != cursor && cursor_written.elapsed() >= CURSOR_FLUSH {
+                record_cursor(scan, cursor).await?;
+                written = cursor;
+                cursor_written = Instant::now();
+            }
+            if lock_checked.elapsed() >= LOCK_CHECK {
+                check_lock(lock).await?;
+                lock_checked = Instant::now();
+            }
+            if full {
+                continue;
             }
             nats_connected(nats)?;
             // Woken by the doorbell's ring after a commit, or by the poll (commits of writers
-            // that do not ring, a ring lost while the LISTEN connection reconnected).
+            // that do not ring, a ring lost while the LISTEN connection reconnected, and the
+            // cursor write that is due).
+            let poll = if written != cursor {
+                self.poll().min(CURSOR_FLUSH)
+            } else {
+                self.poll()
+            };
             tokio::select! {
-                _ = tokio::time::sleep(self.poll()) => {}
+                _ = tokio::time::sleep(poll) => {}
                 rang = wake.recv() => {
                     if rang.is_none() {
                         anyhow::bail!("the relay's LISTEN connection was lost");
                     }
                 }
-                _ = stop.changed() => return Ok(()),
+                _ = stop.changed() => {}
             }
-            check_lock(lock).await?;
-            lock_checked = Instant::now();
         }
     }
 
@@ -567,18 +584,16 @@ impl Relay {
     }
 
     /// Sets the lag gauges from the events beyond `cursor`.
-    async fn refresh_lag(&self, scan: &PgPool, cursor: Cursor) -> anyhow::Result<()> {
-        let mut tx = db::begin_as(scan, &Principal::system()).await?;
+    async fn refresh_lag(&self, scan: &SystemPool, cursor: Cursor) -> anyhow::Result<()> {
         let (count, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
             "SELECT count(*), min(created_at) FROM outbox \
              WHERE (txid, position) > ($1::bigint::text::xid8, $2)",
         )
         .bind(cursor.txid)
         .bind(cursor.position)
-        .fetch_one(&mut *tx)
+        .fetch_one(scan.pool())
         .await
         .context("measuring the relay lag")?;
-        tx.commit().await?;
         self.metrics.relay_lag_events.set(count);
         let age = oldest
             .map(|t| ((Utc::now() - t).num_milliseconds() as f64 / 1000.0).max(0.0))
@@ -639,8 +654,8 @@ async fn check_lock(lock: &mut PgConnection) -> anyhow::Result<()> {
 }
 
 /// Advances the relay cursor (never backwards).
-async fn record_cursor(scan: &PgPool, to: Cursor) -> anyhow::Result<()> {
-    let mut tx = db::begin_as(scan, &Principal::system()).await?;
+async fn record_cursor(scan: &SystemPool, to: Cursor) -> anyhow::Result<()> {
+    let mut tx = db::begin_as(scan.pool(), &Principal::system()).await?;
     outbox::record_batch(&mut tx, CONSUMER, &[], Some(to))
         .await
         .context("advancing the relay cursor")?;

@@ -73,6 +73,15 @@ impl TestDb {
             .expect("superuser connection")
     }
 
+    /// A connection of the application role acting as the system principal for its session,
+    /// as the listener's scans use (`outbox::fetch_*`).
+    pub async fn system_pool(&self) -> freshplan::db::SystemPool {
+        let options: sqlx::postgres::PgConnectOptions = self.app_url().parse().unwrap();
+        freshplan::db::SystemPool::connect(options)
+            .await
+            .expect("system pool")
+    }
+
     /// A pool of the application role with no identity set.
     pub async fn app_pool(&self) -> PgPool {
         freshplan::db::connect(&self.app_url(), 4, "freshplan-test")
