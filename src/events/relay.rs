@@ -16,9 +16,11 @@
 //! # Never twice: ack, then cursor; JetStream dedupe covers the gap
 //!
 //! A batch is published pipelined (all publishes sent, then every ack awaited) and only when all
-//! acks are in does the cursor advance, in one transaction. A crash (or a lost database) between
-//! the acks and that commit makes the next active relay publish the batch again; JetStream drops
-//! those copies by `Nats-Msg-Id` as long as they arrive within the stream's duplicate window.
+//! acks are in does the cursor advance: in memory at once, in `event_cursors` at most every
+//! `CURSOR_FLUSH` (and when the relay stops). A crash (or a lost database) before that write makes
+//! the next active relay start after the stream's last message (below) or publish the batches
+//! again; JetStream drops those copies by `Nats-Msg-Id` as long as they arrive within the
+//! stream's duplicate window.
 //! The gap between a first publish and its republication is at most one ack timeout plus the
 //! takeover or restart time, so the window (`freshplan.relay.duplicate-window-seconds`, default
 //! 2 min) must exceed that; the configuration refuses a window shorter than twice the ack
