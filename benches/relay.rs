@@ -337,10 +337,13 @@ async fn run(db: &str) -> anyhow::Result<String> {
             in_stream += 1;
             duplicates += u64::from(a.count - 1);
             last_received = last_received.max(a.received_us);
-            record(&mut c2s, (a.stored_unix_us - done_unix).max(0) as u64);
+            let Some(stored) = a.stored_unix_us else {
+                continue;
+            };
+            record(&mut c2s, (stored - done_unix).max(0) as u64);
             record(
                 &mut i2s,
-                (a.stored_unix_us - (origin_unix + *intended as i64)).max(0) as u64,
+                (stored - (origin_unix + *intended as i64)).max(0) as u64,
             );
         }
         drop(seen);
@@ -364,6 +367,13 @@ async fn run(db: &str) -> anyhow::Result<String> {
             live.commit_to_stream.p95_ms,
             live.commit_to_stream.p99_ms
         );
+        ensure!(
+            live.in_stream == live.written && live.duplicates == 0,
+            "at {rate:.0}/s: {} of {} events in the stream, {} duplicated",
+            live.in_stream,
+            live.written,
+            live.duplicates
+        );
         lives.push(live);
     }
     let total_in_stream = nats.stream_count(&stream_name).await;
@@ -372,6 +382,10 @@ async fn run(db: &str) -> anyhow::Result<String> {
     let _ = bell.await;
     pool.close().await;
     let written = backlog_keys + lives.iter().map(|l| l.written).sum::<usize>();
+    ensure!(
+        total_in_stream == written as u64,
+        "{written} events written, {total_in_stream} messages in the stream"
+    );
     Ok(report(&Report {
         doorbell: ring,
         started,

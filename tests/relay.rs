@@ -706,3 +706,47 @@ async fn a_relay_with_a_ten_minute_poll_publishes_a_committed_event_once_the_doo
     .await;
     assert_eq!(assert_exactly_once_in_order(&db, &nats).await, 1);
 }
+
+#[tokio::test]
+async fn an_active_relay_whose_stop_sender_is_dropped_writes_its_cursor_and_returns() {
+    use freshplan::events::relay::{Relay, RelayState};
+    use freshplan::telemetry::metrics::Metrics;
+    let nats = Nats::start().await;
+    let db = TestDb::create().await;
+    let pool = db.app_pool().await;
+    let url = nats.url();
+    let settings = db
+        .settings(&[("FRESHPLAN_RELAY_NATS_URL", url.as_str())])
+        .relay;
+    let relay = Relay::new(&db.app_url(), &settings, Arc::new(Metrics::new()));
+    let health = relay.health.clone();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(relay.run(stopped));
+    wait_until(Duration::from_secs(30), "the relay active", || async {
+        health.get() == RelayState::Active
+    })
+    .await;
+    write_events(pool.clone(), leads(1), 1, 1).await;
+    wait_until(CATCH_UP, "the event in the stream", || async {
+        nats.count().await == 1
+    })
+    .await;
+    // The owner of the stop signal goes away without sending it (a dropped server).
+    drop(stop);
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the relay returns instead of scanning in a loop")
+        .unwrap();
+    let mut su = db.superuser().await;
+    let (cursor, last): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT position FROM event_cursors WHERE consumer = 'nats-relay'), \
+                (SELECT max(position) FROM outbox)",
+    )
+    .fetch_one(&mut su)
+    .await
+    .unwrap();
+    assert_eq!(
+        cursor, last,
+        "the cursor was written when the relay stopped"
+    );
+}

@@ -166,6 +166,15 @@ impl Scanner {
         Ok(())
     }
 
+    /// Writes the cursor at shutdown; a failure is only logged (the next start reads a few rows
+    /// again and the inbox answers `duplicate`).
+    async fn final_flush(&mut self) -> anyhow::Result<()> {
+        if let Err(e) = self.flush_cursor(true).await {
+            tracing::warn!(error = %format!("{e:#}"), "listener: cursor not written at stop");
+        }
+        Ok(())
+    }
+
     /// Writes a cursor that moved in memory only, once `CURSOR_FLUSH` has passed since the last
     /// write (or at once with `now`).
     async fn flush_cursor(&mut self, now: bool) -> anyhow::Result<()> {
@@ -386,7 +395,7 @@ impl Listener {
             tokio::select! {
                 biased;
                 // A cursor that moved in memory only is written before the instance stops.
-                _ = stop.changed() => return scanner.flush_cursor(true).await,
+                _ = stop.changed() => return scanner.final_flush().await,
                 ring = rings.recv() => {
                     if ring.is_none() {
                         anyhow::bail!("listener connection lost");
@@ -402,7 +411,7 @@ impl Listener {
                 }
             }
             if *stop.borrow() {
-                return scanner.flush_cursor(true).await;
+                return scanner.final_flush().await;
             }
             scanner.drain().await?;
         }

@@ -424,6 +424,23 @@ impl Relay {
                 None
             }
         };
+        // A stored cursor written less than a duplicate window ago (minus an ack timeout) is
+        // trusted even when the stream is ahead: everything published after it is still inside
+        // JetStream's dedupe window, so republishing from it doubles nothing, and it cannot skip
+        // an event that was lost in a batch whose later messages were stored.
+        let age: Option<f64> = sqlx::query_scalar(
+            "SELECT extract(epoch FROM now() - updated_at)::float8 FROM event_cursors \
+             WHERE consumer = $1",
+        )
+        .bind(CONSUMER)
+        .fetch_optional(scan.pool())
+        .await
+        .context("reading the relay cursor's age")?;
+        let covered =
+            self.settings.duplicate_window_seconds as f64 - self.ack_timeout().as_secs_f64() - 1.0;
+        if age.is_some_and(|a| a < covered) {
+            return Ok(stored);
+        }
         match in_stream {
             Some(c) if c > stored => {
                 tracing::info!(
@@ -457,10 +474,7 @@ impl Relay {
         let mut lag_refreshed: Option<Instant> = None;
         loop {
             if *stop.borrow() {
-                if written != cursor {
-                    record_cursor(scan, cursor).await?;
-                }
-                return Ok(());
+                return self.final_cursor(scan, written, cursor).await;
             }
             let rows = outbox::fetch_stable(scan, cursor, self.settings.batch_size)
                 .await
@@ -508,9 +522,30 @@ impl Relay {
                         anyhow::bail!("the relay's LISTEN connection was lost");
                     }
                 }
-                _ = stop.changed() => {}
+                changed = stop.changed() => {
+                    // A dropped sender means stop as well (and would never wait again).
+                    if changed.is_err() {
+                        return self.final_cursor(scan, written, cursor).await;
+                    }
+                }
             }
         }
+    }
+
+    /// Writes the cursor when the relay stops. A failure is only logged: the next relay resumes
+    /// from the stored cursor or after the stream's last message, and JetStream dedupes.
+    async fn final_cursor(
+        &self,
+        scan: &SystemPool,
+        written: Cursor,
+        cursor: Cursor,
+    ) -> anyhow::Result<()> {
+        if written != cursor {
+            if let Err(e) = record_cursor(scan, cursor).await {
+                tracing::warn!(error = %format!("{e:#}"), "relay: cursor not written at stop");
+            }
+        }
+        Ok(())
     }
 
     /// Publishes `rows` pipelined and waits for every ack. Any failure fails the whole batch

@@ -6,7 +6,8 @@
 //! and the latencies are
 //!
 //! - **commit → stream**: the outbox row's `created_at` (its transaction's start, so this is an
-//!   upper bound of commit → stored) → JetStream's stored timestamp, both this machine's clock;
+//!   upper bound of commit → stored) → JetStream's stored timestamp (PostgreSQL's and NATS's
+//!   clocks: run both on one host, or with synchronised clocks);
 //! - **end to end via the relay**: the command's intended start → the message received by the
 //!   tool, the same definition as the SSE path's end to end.
 //!
@@ -36,8 +37,8 @@ pub struct Arrival {
     pub count: u32,
     /// When the tool received the first (µs on the run's clock).
     pub received_us: u64,
-    /// When JetStream stored the first (µs since the Unix epoch).
-    pub stored_unix_us: i64,
+    /// When JetStream stored the first (µs since the Unix epoch), when the message said.
+    pub stored_unix_us: Option<i64>,
 }
 
 /// What the watcher has seen so far.
@@ -113,10 +114,11 @@ impl Watch {
                     .as_ref()
                     .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
                     .and_then(|v| Uuid::parse_str(v.as_str()).ok());
+                // Without its metadata the message still counts; its latency is not known.
                 let stored_unix_us = m
                     .info()
                     .map(|i| (i.published.unix_timestamp_nanos() / 1000) as i64)
-                    .unwrap_or_default();
+                    .ok();
                 let mut s = into.lock().unwrap_or_else(|p| p.into_inner());
                 s.messages += 1;
                 if let Some(key) = key {
@@ -185,10 +187,12 @@ pub fn relay_delivery(
             Some(a) => {
                 d.in_stream += 1;
                 d.duplicates += u64::from(a.count.saturating_sub(1));
-                record(
-                    &mut d.commit_to_stream,
-                    a.stored_unix_us.saturating_sub(ev.created_unix_us).max(0) as u64,
-                );
+                if let Some(stored) = a.stored_unix_us {
+                    record(
+                        &mut d.commit_to_stream,
+                        stored.saturating_sub(ev.created_unix_us).max(0) as u64,
+                    );
+                }
                 received_at.insert(ev.position, a.received_us);
                 d.last_received_us = Some(d.last_received_us.unwrap_or(0).max(a.received_us));
             }
@@ -245,7 +249,7 @@ mod tests {
             Arrival {
                 count: 1,
                 received_us: 5_000,
-                stored_unix_us: 1_004_000,
+                stored_unix_us: Some(1_004_000),
             },
         );
         seen.keys.insert(
@@ -253,7 +257,7 @@ mod tests {
             Arrival {
                 count: 2,
                 received_us: 9_000,
-                stored_unix_us: 2_010_000,
+                stored_unix_us: Some(2_010_000),
             },
         );
         let writes = [WriteRecord {

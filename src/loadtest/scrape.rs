@@ -216,7 +216,6 @@ impl Buckets {
             .map(|(_, c)| c / total)
     }
 
-    /// Percentiles in the report's shape (max = upper bound of the highest non-empty bucket).
     /// The same observations in another unit (`1000.0`: seconds → ms).
     pub fn scaled(&self, factor: f64) -> Buckets {
         Buckets {
@@ -229,6 +228,7 @@ impl Buckets {
         }
     }
 
+    /// Percentiles in the report's shape (max = upper bound of the highest non-empty bucket).
     pub fn summary(&self) -> Summary {
         let count = self.count();
         let round = |v: f64| (v * 1000.0).round() / 1000.0;
