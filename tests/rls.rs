@@ -383,3 +383,83 @@ async fn the_service_refuses_to_start_as_a_role_that_could_bypass_rls() {
     let check = freshplan::db::check_runtime_role(&pool).await.unwrap();
     assert!(!check.superuser && !check.bypass_rls && check.owned_relations == 0);
 }
+
+/// The identity a transaction runs under, as the database sees it.
+async fn identity_in(tx: &mut freshplan::db::Tx) -> (String, String, String, String) {
+    sqlx::query_as(
+        "SELECT current_setting('app.user_id'), current_setting('app.role'), \
+                current_setting('app.territory'), current_setting('statement_timeout')",
+    )
+    .fetch_one(&mut **tx)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_transaction_runs_as_exactly_its_principal_whatever_the_user_id_holds_and_the_identity_ends_with_it(
+) {
+    use freshplan::identity::{Principal, Role};
+    use freshplan::territory::Territory;
+    let db = TestDb::create().await;
+    // One connection, so every transaction below reuses the same session.
+    let pool = freshplan::db::connect(&db.app_url(), 1, "freshplan-test")
+        .await
+        .unwrap();
+    let server_default: String = sqlx::query_scalar("SELECT current_setting('statement_timeout')")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let principal = |user: &str, role: Role, territory: Territory| Principal {
+        user_id: user.into(),
+        name: "test".into(),
+        role,
+        territory,
+    };
+    for p in [
+        principal("sales-de-1", Role::Sales, Territory::DE),
+        // A quote must not end the literal (the identity rides in the BEGIN's message).
+        principal(
+            "o'brien'; SET LOCAL app.role = 'admin",
+            Role::Sales,
+            Territory::AT,
+        ),
+        // A backslash takes the path with bound parameters; the value arrives unchanged.
+        principal(r"mgr\'; x", Role::Manager, Territory::CH),
+        principal("", Role::Viewer, Territory::DE),
+    ] {
+        let mut tx = freshplan::db::begin_as(&pool, &p).await.unwrap();
+        assert_eq!(
+            identity_in(&mut tx).await,
+            (
+                p.user_id.clone(),
+                p.role.as_str().to_string(),
+                p.territory.code().to_string(),
+                freshplan::db::REQUEST_STATEMENT_TIMEOUT.to_string()
+            ),
+            "identity inside the transaction of {:?}",
+            p.user_id
+        );
+        tx.commit().await.unwrap();
+        let after: (Option<String>, Option<String>, String) = sqlx::query_as(
+            "SELECT nullif(current_setting('app.user_id', true), ''), \
+                    nullif(current_setting('app.role', true), ''), current_setting('statement_timeout')",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            after,
+            (None, None, server_default.clone()),
+            "after the transaction of {:?} the session has no identity and the server's timeout",
+            p.user_id
+        );
+    }
+    // The system principal keeps the server's statement timeout.
+    let mut tx = freshplan::db::begin_as(&pool, &Principal::system())
+        .await
+        .unwrap();
+    let (user, role, _, timeout) = identity_in(&mut tx).await;
+    assert_eq!((user.as_str(), role.as_str()), ("system", "system"));
+    assert_eq!(timeout, server_default);
+    tx.rollback().await.unwrap();
+}

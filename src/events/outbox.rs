@@ -4,33 +4,126 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::postgres::PgArguments;
+use sqlx::query::QueryScalar;
+use sqlx::{PgPool, Postgres};
 use uuid::Uuid;
 
 use super::envelope::NewEvent;
 use crate::db::{self, SystemPool, Tx};
-use crate::identity::Principal;
+use crate::identity::{Principal, Role};
+use crate::territory::Territory;
+
+/// The audit row of a change (field names and non-PII values only in `details`), written in the
+/// change's transaction; [`append_audited`] writes it in the same statement as the change's first
+/// event.
+#[derive(Debug, Clone)]
+pub struct AuditRow {
+    pub actor_user_id: String,
+    pub actor_role: Role,
+    pub action: &'static str,
+    pub entity_type: &'static str,
+    pub entity_id: String,
+    pub territory: Option<Territory>,
+    pub details: Value,
+}
+
+impl AuditRow {
+    /// An audit row of `p` about the entity `entity_type`/`entity_id`.
+    pub fn new(
+        p: &Principal,
+        action: &'static str,
+        entity_type: &'static str,
+        entity_id: String,
+        territory: Option<Territory>,
+        details: Value,
+    ) -> Self {
+        AuditRow {
+            actor_user_id: p.user_id.clone(),
+            actor_role: p.role,
+            action,
+            entity_type,
+            entity_id,
+            territory,
+            details,
+        }
+    }
+}
+
+const AUDIT_COLUMNS: &str =
+    "audit_log (actor_user_id, actor_role, action, entity_type, entity_id, territory, details)";
+const OUTBOX_COLUMNS: &str = "outbox (event_id, idempotency_key, event_type, subject, territory, \
+     owner_user_id, collaborators, envelope)";
+
+/// Writes an audit row in the caller's transaction.
+pub async fn audit(tx: &mut Tx, a: &AuditRow) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "INSERT INTO {AUDIT_COLUMNS} VALUES ($1, $2, $3, $4, $5, $6, $7)"
+    ))
+    .bind(&a.actor_user_id)
+    .bind(a.actor_role)
+    .bind(a.action)
+    .bind(a.entity_type)
+    .bind(&a.entity_id)
+    .bind(a.territory)
+    .bind(&a.details)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
 
 /// Inserts the event in the caller's transaction. Returns its outbox position, or `None` when an
 /// event with the same idempotency key already exists (the same fact published twice is one
 /// event).
 pub async fn append(tx: &mut Tx, ev: &NewEvent) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO outbox (event_id, idempotency_key, event_type, subject, territory, \
-           owner_user_id, collaborators, envelope) \
+    let sql = format!(
+        "INSERT INTO {OUTBOX_COLUMNS} \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (idempotency_key) DO NOTHING \
-         RETURNING position",
-    )
-    .bind(ev.id)
-    .bind(ev.key)
-    .bind(ev.event_type.as_str())
-    .bind(ev.subject.map(|s| s.to_string()))
-    .bind(ev.audience.territory.code())
-    .bind(&ev.audience.owner)
-    .bind(&ev.audience.collaborators)
-    .bind(ev.envelope())
-    .fetch_optional(&mut **tx)
-    .await
+         RETURNING position"
+    );
+    bind_event(sqlx::query_scalar(&sql), ev)
+        .fetch_optional(&mut **tx)
+        .await
+}
+
+/// Binds the outbox columns of `ev` as `$1` … `$8`.
+fn bind_event<'q>(
+    q: QueryScalar<'q, Postgres, i64, PgArguments>,
+    ev: &'q NewEvent,
+) -> QueryScalar<'q, Postgres, i64, PgArguments> {
+    q.bind(ev.id)
+        .bind(ev.key)
+        .bind(ev.event_type.as_str())
+        .bind(ev.subject.map(|s| s.to_string()))
+        .bind(ev.audience.territory.code())
+        .bind(&ev.audience.owner)
+        .bind(&ev.audience.collaborators)
+        .bind(ev.envelope())
+}
+
+/// [`append`] and [`audit`] in one statement (one round trip): the audit row is written whether
+/// or not the event was new, as the two statements would.
+pub async fn append_audited(
+    tx: &mut Tx,
+    ev: &NewEvent,
+    a: &AuditRow,
+) -> Result<Option<i64>, sqlx::Error> {
+    let sql = format!(
+        "WITH audit AS (INSERT INTO {AUDIT_COLUMNS} VALUES ($9, $10, $11, $12, $13, $14, $15)) \
+         INSERT INTO {OUTBOX_COLUMNS} \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (idempotency_key) DO NOTHING \
+         RETURNING position"
+    );
+    bind_event(sqlx::query_scalar(&sql), ev)
+        .bind(&a.actor_user_id)
+        .bind(a.actor_role)
+        .bind(a.action)
+        .bind(a.entity_type)
+        .bind(&a.entity_id)
+        .bind(a.territory)
+        .bind(&a.details)
+        .fetch_optional(&mut **tx)
+        .await
 }
 
 /// SQL expression of the full envelope including its outbox position.

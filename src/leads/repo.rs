@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::domain::{ActivityType, BusinessType, LeadSource, LeadStatus};
 use super::model::{Activity, Lead};
 use crate::db::Tx;
+use crate::events::outbox::{self, AuditRow};
 use crate::identity::Principal;
 use crate::pii::{PiiError, PiiField, Vault};
 use crate::territory::Territory;
@@ -205,10 +206,16 @@ pub struct LeadUpdate<'a> {
     pub by: &'a str,
 }
 
-/// Writes a change and bumps the version.
-pub async fn update_lead(tx: &mut Tx, id: Uuid, u: &LeadUpdate<'_>) -> Result<(), sqlx::Error> {
+/// Writes a change, bumps the version and returns the row as written (`None` when the caller does
+/// not see it). Triggers on `leads` and on the rows written after it in the same change never
+/// modify the lead row, so this is the row a read at the end of the transaction would return.
+pub async fn update_lead(
+    tx: &mut Tx,
+    id: Uuid,
+    u: &LeadUpdate<'_>,
+) -> Result<Option<LeadRow>, sqlx::Error> {
     let c = u.contact.cloned().unwrap_or_default();
-    sqlx::query(
+    sqlx::query_as(&format!(
         "UPDATE leads SET status = $2, owner_user_id = $3, collaborators = $4, email_consent = $5, \
            contact_blocked = $6, clock_stopped = $7, \
            contact_person_ct = CASE WHEN $8 THEN $9 ELSE contact_person_ct END, \
@@ -218,8 +225,8 @@ pub async fn update_lead(tx: &mut Tx, id: Uuid, u: &LeadUpdate<'_>) -> Result<()
            email_hash = CASE WHEN $8 THEN $13 ELSE email_hash END, \
            phone_hash = CASE WHEN $8 THEN $14 ELSE phone_hash END, \
            version = version + 1, updated_at = $15, updated_by = $16 \
-         WHERE id = $1",
-    )
+         WHERE id = $1 RETURNING {LEAD_COLUMNS}"
+    ))
     .bind(id)
     .bind(u.status)
     .bind(u.owner)
@@ -236,9 +243,8 @@ pub async fn update_lead(tx: &mut Tx, id: Uuid, u: &LeadUpdate<'_>) -> Result<()
     .bind(c.phone_hash)
     .bind(u.now)
     .bind(u.by)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    .fetch_optional(&mut **tx)
+    .await
 }
 
 /// The ids among `ids` that are users of `territory`.
@@ -331,28 +337,27 @@ pub async fn touch_activity(
     .await
 }
 
-/// Writes an audit row about a lead (field names and non-PII values only in `details`).
+/// The audit row of a change of a lead (field names and non-PII values only in `details`).
+pub fn audit_row(
+    p: &Principal,
+    action: &'static str,
+    entity_id: &str,
+    territory: Option<Territory>,
+    details: Value,
+) -> AuditRow {
+    AuditRow::new(p, action, "lead", entity_id.to_string(), territory, details)
+}
+
+/// Writes an audit row about a lead.
 pub async fn audit(
     tx: &mut Tx,
     p: &Principal,
-    action: &str,
+    action: &'static str,
     entity_id: &str,
     territory: Option<Territory>,
     details: Value,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO audit_log (actor_user_id, actor_role, action, entity_type, entity_id, territory, details) \
-         VALUES ($1, $2, $3, 'lead', $4, $5, $6)",
-    )
-    .bind(&p.user_id)
-    .bind(p.role)
-    .bind(action)
-    .bind(entity_id)
-    .bind(territory)
-    .bind(details)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    outbox::audit(tx, &audit_row(p, action, entity_id, territory, details)).await
 }
 
 /// Filters of the lead list. Deleted leads only when asked for by status.

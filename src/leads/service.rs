@@ -21,6 +21,7 @@ use super::repo::{self, LeadRow, SealedContact};
 use crate::db::{self, Tx};
 use crate::error::{ApiError, ApiResult};
 use crate::events::envelope::{self, Audience, EventType, NewEvent};
+use crate::events::outbox::AuditRow;
 use crate::events::Publisher;
 use crate::identity::{Principal, Role};
 use crate::pii::{self, Masked, PiiField, Vault};
@@ -40,10 +41,12 @@ pub struct Written<T> {
     pub position: i64,
 }
 
-/// What a use case hands back to be committed.
+/// What a use case hands back to be committed: its value, its events and its audit row (both
+/// written by the publisher in the use case's transaction, just before the commit).
 pub struct Outcome<T> {
     pub value: T,
     pub events: Vec<NewEvent>,
+    pub audit: Option<AuditRow>,
 }
 
 /// A value that does not decrypt answers `contact-data-unreadable` (never garbage, never the
@@ -275,15 +278,13 @@ pub async fn create_in(
         },
     )
     .await?;
-    repo::audit(
-        tx,
+    let audit = repo::audit_row(
         caller,
         "LEAD_CREATED",
         &id.to_string(),
         Some(territory),
         json!({"fields": ["companyName", "businessType", "source"]}),
-    )
-    .await?;
+    );
     let event = NewEvent::new(
         EventType::LeadCreated,
         Some(id),
@@ -298,6 +299,7 @@ pub async fn create_in(
     Ok(Outcome {
         value: row,
         events: vec![event],
+        audit: Some(audit),
     })
 }
 
@@ -457,12 +459,13 @@ pub async fn patch_in(
         return Ok(Outcome {
             value: Some(row),
             events: Vec::new(),
+            audit: None,
         });
     }
 
     // A live lead elsewhere with the same email that the caller cannot see still makes the
     // unique index refuse the update: that maps to duplicate-contact without an id.
-    repo::update_lead(
+    let updated = repo::update_lead(
         tx,
         id,
         &repo::LeadUpdate {
@@ -553,20 +556,12 @@ pub async fn patch_in(
     } else {
         "LEAD_UPDATED"
     };
-    repo::audit(
-        tx,
-        caller,
-        action,
-        &id.to_string(),
-        Some(territory),
-        details,
-    )
-    .await?;
+    let audit = repo::audit_row(caller, action, &id.to_string(), Some(territory), details);
     tracing::info!(lead_id = %id, fields = ?changed, "lead updated");
-    let updated = repo::fetch(tx, id).await?;
     Ok(Outcome {
         value: updated,
         events,
+        audit: Some(audit),
     })
 }
 
@@ -613,15 +608,13 @@ pub async fn add_activity_in(
         },
     )
     .await?;
-    repo::audit(
-        tx,
+    let audit = repo::audit_row(
         caller,
         "ACTIVITY_LOGGED",
         &id.to_string(),
         Some(lead.territory),
         json!({"activityType": body.activity_type}),
-    )
-    .await?;
+    );
     let event = NewEvent::new(
         EventType::ActivityLogged,
         Some(id),
@@ -645,6 +638,7 @@ pub async fn add_activity_in(
             user_id: caller.user_id.clone(),
         },
         events: vec![event],
+        audit: Some(audit),
     })
 }
 
@@ -701,7 +695,10 @@ impl LeadService {
     }
 
     async fn commit<T>(&self, tx: Tx, out: Outcome<T>) -> ApiResult<Written<T>> {
-        let position = self.publisher.commit(tx, &out.events).await?;
+        let position = self
+            .publisher
+            .commit_audited(tx, out.audit.as_ref(), &out.events)
+            .await?;
         Ok(Written {
             value: out.value,
             position,
