@@ -417,13 +417,12 @@ async fn a_transaction_runs_as_exactly_its_principal_whatever_the_user_id_holds_
     };
     for p in [
         principal("sales-de-1", Role::Sales, Territory::DE),
-        // A quote must not end the literal (the identity rides in the BEGIN's message).
+        // Quotes and backslashes are data, never SQL.
         principal(
             "o'brien'; SET LOCAL app.role = 'admin",
             Role::Sales,
             Territory::AT,
         ),
-        // A backslash takes the path with bound parameters; the value arrives unchanged.
         principal(r"mgr\'; x", Role::Manager, Territory::CH),
         principal("", Role::Viewer, Territory::DE),
     ] {

@@ -83,53 +83,16 @@ impl SystemPool {
     }
 }
 
-/// Begins a transaction and sets the RLS identity transaction-locally (`SET LOCAL`), so it can
-/// never leak to the next user of the pooled connection.
+/// Begins a transaction and sets the RLS identity with `set_config(…, true)`, so it is
+/// transaction-local and can never leak to the next user of the pooled connection.
 ///
-/// The identity travels in the same simple-query message as the `BEGIN` (one round trip instead
-/// of two: every request transaction pays for it). Its values are inlined as SQL literals, which
-/// [`begin_statement`] does only for values it can quote safely; anything else (a user id with a
-/// backslash or a control character) takes the two-round-trip path with bound parameters.
+/// (Sending the identity as `SET LOCAL`s in the BEGIN's own message would save a round trip,
+/// but a failed or cancelled message then leaves a transaction open on a connection the pool
+/// takes back — sqlx 0.8 only rolls back once the BEGIN has been acknowledged.)
 pub async fn begin_as(pool: &PgPool, p: &Principal) -> Result<Tx, sqlx::Error> {
-    match begin_statement(p) {
-        Some(statement) => pool.begin_with(statement).await,
-        None => {
-            let mut tx = pool.begin().await?;
-            set_identity(&mut tx, p).await?;
-            Ok(tx)
-        }
-    }
-}
-
-/// `BEGIN` followed by the principal's identity as `SET LOCAL` statements, or `None` when a
-/// value cannot be written as a plain SQL literal.
-pub fn begin_statement(p: &Principal) -> Option<String> {
-    let mut s = String::from("BEGIN");
-    for (key, value) in [
-        ("app.user_id", p.user_id.as_str()),
-        ("app.role", p.role.as_str()),
-        ("app.territory", p.territory.code()),
-    ] {
-        s.push_str(&format!("; SET LOCAL {key} = {}", sql_literal(value)?));
-    }
-    // Work on behalf of a caller is bounded; the system principal keeps the server default.
-    if p.role != Role::System {
-        s.push_str(&format!(
-            "; SET LOCAL statement_timeout = {}",
-            sql_literal(REQUEST_STATEMENT_TIMEOUT)?
-        ));
-    }
-    Some(s)
-}
-
-/// `value` as a single-quoted SQL literal (quotes doubled), or `None` when it holds a backslash
-/// or a control character: with those left out the literal reads the same whatever the server's
-/// `standard_conforming_strings`, and an empty value stays empty.
-fn sql_literal(value: &str) -> Option<String> {
-    if value.chars().any(|c| c == '\\' || c.is_control()) {
-        return None;
-    }
-    Some(format!("'{}'", value.replace('\'', "''")))
+    let mut tx = pool.begin().await?;
+    set_identity(&mut tx, p).await?;
+    Ok(tx)
 }
 
 /// Sets the identity on an open transaction.
@@ -248,36 +211,4 @@ pub async fn check_runtime_role(pool: &PgPool) -> anyhow::Result<RoleCheck> {
         );
     }
     Ok(check)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sales(user_id: &str) -> Principal {
-        Principal {
-            user_id: user_id.into(),
-            role: Role::Sales,
-            ..Principal::system()
-        }
-    }
-
-    #[test]
-    fn the_begin_statement_carries_the_identity_with_quotes_doubled_and_the_request_timeout() {
-        assert_eq!(
-            begin_statement(&sales("o'brien")).unwrap(),
-            "BEGIN; SET LOCAL app.user_id = 'o''brien'; SET LOCAL app.role = 'sales'; \
-             SET LOCAL app.territory = 'DE'; SET LOCAL statement_timeout = '5s'"
-        );
-        assert!(!begin_statement(&Principal::system())
-            .unwrap()
-            .contains("statement_timeout"));
-    }
-
-    #[test]
-    fn a_user_id_with_a_backslash_or_control_character_is_never_inlined_into_the_begin_statement() {
-        for id in [r"a\'", "a\n", "a\0"] {
-            assert_eq!(begin_statement(&sales(id)), None, "{id:?}");
-        }
-    }
 }

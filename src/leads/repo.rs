@@ -206,8 +206,9 @@ pub struct LeadUpdate<'a> {
     pub by: &'a str,
 }
 
-/// Writes a change, bumps the version and returns the row as written (`None` when the caller does
-/// not see it). Triggers on `leads` and on the rows written after it in the same change never
+/// Writes a change, bumps the version and returns the row as written (`None` only when no row
+/// with that id is visible; a written row the caller may not see is refused by row-level
+/// security). Triggers on `leads` and on the rows written after it in the same change never
 /// modify the lead row, so this is the row a read at the end of the transaction would return.
 pub async fn update_lead(
     tx: &mut Tx,
