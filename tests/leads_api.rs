@@ -654,3 +654,42 @@ async fn the_served_openapi_document_matches_the_committed_one() {
         "docs/openapi.json is out of date: run UPDATE_OPENAPI=1 cargo test --test leads_api openapi"
     );
 }
+
+#[tokio::test]
+async fn a_change_that_publishes_no_event_still_leaves_exactly_one_audit_row_and_no_outbox_row() {
+    let app = TestApp::spawn().await;
+    let lead = app
+        .create_lead("sales-de-1", TestApp::lead_body("Audit ohne Ereignis GmbH"))
+        .await;
+    let id = lead["id"].as_str().unwrap().to_string();
+    let version = lead["version"].as_i64().unwrap();
+    let mut db = app.db.superuser().await;
+    let outbox_before: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    // Consent only: no status or owner change, so no event, but a change all the same.
+    let r = app
+        .patch(
+            "sales-de-1",
+            &id,
+            version,
+            json!({"emailConsent": !lead["emailConsent"].as_bool().unwrap()}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let updated: Vec<Value> = sqlx::query_scalar(
+        "SELECT details FROM audit_log WHERE entity_id = $1 AND action = 'LEAD_UPDATED'",
+    )
+    .bind(&id)
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(updated.len(), 1, "one audit row for the change");
+    assert_eq!(updated[0]["fields"], json!(["emailConsent"]));
+    let outbox_after: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(outbox_after, outbox_before, "no event for a consent change");
+}

@@ -57,19 +57,25 @@ const OUTBOX_COLUMNS: &str = "outbox (event_id, idempotency_key, event_type, sub
 
 /// Writes an audit row in the caller's transaction.
 pub async fn audit(tx: &mut Tx, a: &AuditRow) -> Result<(), sqlx::Error> {
-    sqlx::query(&format!(
-        "INSERT INTO {AUDIT_COLUMNS} VALUES ($1, $2, $3, $4, $5, $6, $7)"
-    ))
-    .bind(&a.actor_user_id)
-    .bind(a.actor_role)
-    .bind(a.action)
-    .bind(a.entity_type)
-    .bind(&a.entity_id)
-    .bind(a.territory)
-    .bind(&a.details)
-    .execute(&mut **tx)
-    .await?;
+    let sql = format!("INSERT INTO {AUDIT_COLUMNS} VALUES ($1, $2, $3, $4, $5, $6, $7)");
+    bind_audit(sqlx::query_scalar(&sql), a)
+        .fetch_optional(&mut **tx)
+        .await?;
     Ok(())
+}
+
+/// Binds the audit columns of `a` as the next seven parameters.
+fn bind_audit<'q>(
+    q: QueryScalar<'q, Postgres, i64, PgArguments>,
+    a: &'q AuditRow,
+) -> QueryScalar<'q, Postgres, i64, PgArguments> {
+    q.bind(&a.actor_user_id)
+        .bind(a.actor_role)
+        .bind(a.action)
+        .bind(a.entity_type)
+        .bind(&a.entity_id)
+        .bind(a.territory)
+        .bind(&a.details)
 }
 
 /// Inserts the event in the caller's transaction. Returns its outbox position, or `None` when an
@@ -114,14 +120,7 @@ pub async fn append_audited(
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (idempotency_key) DO NOTHING \
          RETURNING position"
     );
-    bind_event(sqlx::query_scalar(&sql), ev)
-        .bind(&a.actor_user_id)
-        .bind(a.actor_role)
-        .bind(a.action)
-        .bind(a.entity_type)
-        .bind(&a.entity_id)
-        .bind(a.territory)
-        .bind(&a.details)
+    bind_audit(bind_event(sqlx::query_scalar(&sql), ev), a)
         .fetch_optional(&mut **tx)
         .await
 }
