@@ -1,6 +1,7 @@
-//! All SQL of the outbox, the inbox and the durable cursors: appending events in the business
-//! transaction, the listener's two scans, loading cursors, and recording a consumer's batch
-//! (inbox rows + cursor) in the consumer's own transaction.
+//! All SQL of the outbox, the inbox and the durable cursors: appending events (and a change's
+//! audit row with its first event) in the business transaction, the listener's two scans, loading
+//! cursors, and recording a consumer's batch (inbox rows + cursor) in the consumer's own
+//! transaction.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;

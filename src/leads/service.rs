@@ -303,8 +303,9 @@ pub async fn create_in(
     })
 }
 
-/// A patched lead: the row after the change, `None` when the caller no longer sees it (a sales
-/// owner who handed it to someone else).
+/// A patched lead: the row after the change (`None` only if no row with that id was visible; a
+/// change whose written row the caller could not see is refused by row-level security, which is
+/// why a sales owner who hands a lead over stays one of its collaborators).
 pub type Patched = Option<LeadRow>;
 
 /// Changes a lead whose version is `expected`: status (status machine), owner, collaborators,
